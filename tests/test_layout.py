@@ -1,0 +1,80 @@
+"""The package as DESIGN.md lays it out: every module imports, layers import downward only,
+an installed copy works, and the code is ruff clean."""
+
+import ast
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+PACKAGES = {"specdec.data_prep": "data_prep", "specdec.eval": "eval", "specdec.trainer": "trainer"}
+# trainer -> eval -> data_prep: what each layer must never import.
+FORBIDDEN = {
+    "specdec.data_prep": ("specdec.eval", "specdec.trainer"),
+    "specdec.eval": ("specdec.trainer",),
+    "specdec.trainer": (),
+}
+
+
+def _modules() -> list[str]:
+    names = []
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        names.append(package)
+        names += [info.name for info in pkgutil.walk_packages(module.__path__, prefix=f"{package}.")]
+    return names
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_every_module_imports(name: str) -> None:
+    importlib.import_module(name)
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_layers_import_downward_only(package: str) -> None:
+    for path in sorted((REPO_ROOT / PACKAGES[package]).rglob("*.py")):
+        upward = sorted(name for name in _imports(path) if name.startswith(FORBIDDEN[package]))
+        assert not upward, f"{path.relative_to(REPO_ROOT)} imports {upward}: layers go trainer -> eval -> data_prep"
+
+
+def test_ruff_is_clean() -> None:
+    ruff = Path(sys.executable).parent / "ruff"
+    subprocess.run([ruff, "check", "--quiet", "."], cwd=REPO_ROOT, check=True)
+    subprocess.run([ruff, "format", "--check", "--quiet", "."], cwd=REPO_ROOT, check=True)
+
+
+@pytest.mark.slow
+def test_an_installed_copy_has_every_package_and_recipe(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", target, "."],
+        cwd=REPO_ROOT,
+        check=True,
+    )
+    code = (
+        "import specdec.trainer.cli as cli, specdec.data_prep, specdec.eval;"
+        "from specdec.trainer.config import recipe_names, recipe_dir;"
+        "print(cli.__file__); print(recipe_dir()); print(','.join(recipe_names()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    module_file, recipes_path, recipes = out.stdout.split()
+    assert module_file.startswith(str(target)) and recipes_path.startswith(str(target))
+    assert recipes == "ctc_smollm2,ctc_vicuna,eagle3_llama3,pard_llama3,pard_smollm2,smollm2_eagle3,tiny"

@@ -1,0 +1,80 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specdec.trainer import cli
+from specdec.trainer.config import compose_recipe, recipe_names
+
+SCRIPTS = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("main", [cli.prep_main, cli.train_main, cli.eval_main, cli.export_main])
+def test_help_lists_every_recipe_and_group(main, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in recipe_names():
+        assert f"\n  {name} " in out
+    for group in cli.GROUPS:
+        assert f"\n  {group} " in out
+
+
+def test_no_arguments_prints_usage_and_exits_2(capsys: pytest.CaptureFixture) -> None:
+    assert cli.train_main([]) == 2
+    assert capsys.readouterr().out.startswith("usage: specdec-train recipe=NAME")
+
+
+def test_unknown_recipe_exits_2_naming_the_recipes(capsys: pytest.CaptureFixture) -> None:
+    assert cli.train_main(["recipe=nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specdec-train: recipe=nope: no such recipe. The recipes are: ctc_smollm2")
+
+
+def test_console_script_refuses_an_unknown_key_with_one_message_and_no_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [SCRIPTS / "specdec-train", "recipe=tiny", "trainer.nonsense=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "specdec-train: recipe=tiny: trainer.nonsense: unknown key; TrainerConfig has: accelerator, devices, "
+        "num_nodes, strategy, precision, max_steps, max_epochs, accumulate_grad_batches, gradient_clip_val, "
+        "log_every_n_steps"
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing written for a refused config
+
+
+def test_config_goes_to_run_dir_and_hydra_leaves_cwd_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.prep_main(["recipe=tiny", "run.dir=run1", "data.max_samples=3"]) == 0
+    assert os.getcwd() == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run1"]  # no outputs/ or .hydra/
+    assert compose_recipe("run1/config.yaml", []) == compose_recipe("tiny", ["run.dir=run1", "data.max_samples=3"])
+    assert "not built yet (issue #3)" in capsys.readouterr().out
+
+
+def test_train_loads_the_target_and_lets_it_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.train_main(["recipe=tiny", f"run.dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: In one sentence, what does a compiler do?" in out
+    assert "greedy, 48 tokens in" in out  # random weights never emit EOS within 48 tokens here
+
+
+def test_a_target_path_that_does_not_exist_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.train_main(["recipe=tiny", f"run.dir={tmp_path}", "target.path=/no/such/model"]) == 2
+    assert "target.path=/no/such/model does not exist" in capsys.readouterr().err
+
+
+def test_a_draft_whose_tokenizer_differs_from_the_target_exits_2(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    overrides = [f"run.dir={tmp_path}", f"draft.init={tiny_llama_dir}", "target.random_init={num_hidden_layers: 1}"]
+    assert cli.train_main(["recipe=pard_smollm2", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"The draft tokenizer ({tiny_llama_dir}) disagrees with the target's" in err

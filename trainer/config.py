@@ -1,0 +1,386 @@
+"""The recipe schema: one dataclass per config group, composed into `SpecdecConfig`.
+
+A recipe (recipes/NAME.yaml) names `schema` first in its defaults list and fills in what differs;
+Hydra composes it with the command line's `key=value` overrides and this module checks the result.
+`draft` and `objective` are chosen by name, so their fields come from the dataclass registered
+under that name (DRAFTS, OBJECTIVES); everything else is fixed by the schema. Every problem is
+collected and reported at once, with its dotted key, as a `RecipeError`.
+"""
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from specdec.data_prep import TargetConfig, asset_path
+
+# `${asset:NAME}` in a recipe is the path of a file shipped in a PyPI wheel (specdec.data_prep.assets).
+OmegaConf.register_new_resolver("asset", lambda name: str(asset_path(name)), replace=True)
+
+
+class RecipeError(ValueError):
+    pass
+
+
+# ---- data and cache (the stage that reads them: specdec-prep, #3) ----
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING  # a ShareGPT json, a messages jsonl, a parquet file, or a `datasets` name
+    max_length: int = 2048  # tokens per sample after the chat template; longer samples are cut
+    max_samples: int | None = None  # None = every sample
+    allow_truncated: bool = False  # use the complete records of a file cut off mid-record
+    batch_size: int = 1  # sequences per device per optimizer micro-step
+
+
+class CacheDType(str, Enum):
+    bf16 = "bf16"
+    fp8 = "fp8"  # e4m3 with a per-token, per-layer scale
+
+
+@dataclass
+class CacheConfig:
+    dir: str = "${run.dir}/cache"
+    layers: list[int] | None = None  # HF output_hidden_states ids (0 = embeddings); None = the drafter's
+    dtype: CacheDType = CacheDType.bf16
+
+
+# ---- drafters, chosen by draft.name ----
+
+
+@dataclass
+class Eagle3DraftConfig:
+    """EAGLE-3 (Li et al., arXiv 2503.01840): one decoder layer over fused target layers."""
+
+    name: str = "eagle3"
+    vocab_size: int = 32000  # draft vocabulary: the most frequent target tokens (EAGLE-3 reference code)
+
+
+@dataclass
+class PardDraftConfig:
+    """PARD (An et al., arXiv 2504.18583): a small LM of the target's family drafts K tokens at once."""
+
+    name: str = "pard"
+    init: str = MISSING  # Hub id or directory of the small causal LM the draft starts from
+    mask_token_id: int = MISSING  # a reserved id of the tokenizer, used for every mask slot
+    k: int = 8  # draft tokens trained per forward (PARD-1 `para_num`)
+
+
+@dataclass
+class CtcDraftConfig:
+    """CTC-drafter (Wen et al., arXiv 2412.00061): a draft head with a blank symbol."""
+
+    name: str = "ctc"
+    blank_id: int = 0  # the released code reuses Llama's <unk> (id 0) as the blank
+
+
+DRAFTS: dict[str, type] = {"eagle3": Eagle3DraftConfig, "pard": PardDraftConfig, "ctc": CtcDraftConfig}
+
+
+# ---- objectives, combined by weight: objective.NAME.weight ----
+
+
+@dataclass
+class TttConfig:
+    """EAGLE-3 training-time test: unroll the drafter on its own hidden states."""
+
+    weight: float = 1.0
+    steps: int = 7  # EAGLE-3 reference code
+    decay: float = 0.8  # loss weight decay**k at unrolled step k (EAGLE-3 reference code)
+
+
+@dataclass
+class KdConfig:
+    """Soft-label cross entropy to the target's distribution."""
+
+    weight: float = 1.0
+
+
+@dataclass
+class PardConfig:
+    """PARD cross entropy over K mask blocks with conditional drop-token (COD)."""
+
+    weight: float = 1.0
+    r: float = 0.7  # COD keep ratio r^i for block i (PARD-1 `down_sample_ration`)
+    r_min: float = 0.2  # floor of the keep ratio (PARD-1 `down_sample_ration_min`)
+
+
+@dataclass
+class CtcConfig:
+    """CTC loss over a window of draft frames against the target's next tokens."""
+
+    weight: float = 0.01  # CTC-drafter default c_w
+    frames: int = 6  # emission frames per window (released code)
+    label_len: int = 3  # target tokens per window (released code `fixlen`)
+
+
+OBJECTIVES: dict[str, type] = {"ttt": TttConfig, "kd": KdConfig, "pard": PardConfig, "ctc": CtcConfig}
+
+
+# ---- the loop, the optimizer, eval, export, the run ----
+
+
+@dataclass
+class TrainerConfig:
+    """Keyword arguments of `lightning.Trainer`, passed through unchanged."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"  # int, list of ids, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp", "fsdp", "deepspeed_stage_1", ...
+    precision: str = "32-true"  # "bf16-mixed", "bf16-true", ...
+    max_steps: int = -1
+    max_epochs: int | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = 10
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    """What the verifier-based eval measures tau on (#4)."""
+
+    bench: str = "mtbench"  # mtbench | humaneval | sharegpt | a jsonl file of prompts
+    num_prompts: int = 32
+    max_new_tokens: int = 128
+    k: int = 4  # draft tokens per verify step
+    temperature: float = 0.0  # 0 = greedy
+    every_n_steps: int = 100  # eval hook period during training
+
+
+class ExportFormat(str, Enum):
+    sglang = "sglang"  # native EAGLE-3 directory (SGLang, and vLLM)
+    speculators = "speculators"  # vllm-project/speculators directory
+    hf = "hf"  # plain transformers directory (PARD)
+
+
+@dataclass
+class ExportConfig:
+    format: ExportFormat = ExportFormat.hf
+    dir: str = "${run.dir}/export"
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING  # everything of a run goes here: config.yaml, cache, logs, checkpoints
+    seed: int = 0
+
+
+@dataclass
+class SpecdecConfig:
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(path=MISSING))
+    draft: Any = field(default_factory=dict)  # one of DRAFTS, by draft.name
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    objective: Any = field(default_factory=dict)  # name -> one of OBJECTIVES
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _schema_node() -> DictConfig:
+    node = OmegaConf.structured(SpecdecConfig)
+    node.draft = {}
+    node.objective = {}
+    # Fields of the named draft and objectives are checked by validate(), against their own
+    # dataclass; without this Hydra would demand `+draft.k=...` for keys a recipe did not set.
+    OmegaConf.set_struct(node.draft, False)
+    OmegaConf.set_struct(node.objective, False)
+    return node
+
+
+ConfigStore.instance().store(name="schema", node=_schema_node())
+
+
+def _typed(kind: type, values: dict[str, Any], key: str, problems: list[str]) -> Any:
+    """`values` checked against the dataclass `kind`; problems are appended with their dotted key."""
+    node = OmegaConf.structured(kind)
+    for name, value in values.items():
+        try:
+            node.merge_with({name: value})
+        except OmegaConfBaseException as error:
+            if name not in node:
+                allowed = ", ".join(f.name for f in fields(kind))
+                problems.append(f"{key}.{name}: unknown key; {kind.__name__} has: {allowed}")
+            else:
+                problems.append(f"{key}.{name}: {str(error).splitlines()[0]}")
+    for missing in sorted(OmegaConf.missing_keys(node)):
+        problems.append(f"{key}.{missing}: required, but the recipe does not set it")
+    return node
+
+
+# (dotted key, check, what is expected): values that type-check but make no sense.
+_RANGES = [
+    ("target.random_init", lambda v: v is None or OmegaConf.is_dict(v), "null or a mapping of config fields"),
+    ("data.max_length", lambda v: v > 0, "a positive number of tokens"),
+    ("data.batch_size", lambda v: v > 0, "a positive number of sequences"),
+    ("data.max_samples", lambda v: v is None or v > 0, "null or a positive count"),
+    ("optim.lr", lambda v: v > 0, "a positive learning rate"),
+    ("optim.warmup_steps", lambda v: v >= 0, "zero or more steps"),
+    ("eval.k", lambda v: v >= 1, "at least one draft token"),
+    ("eval.num_prompts", lambda v: v >= 1, "at least one prompt"),
+    ("eval.temperature", lambda v: v >= 0, "0 (greedy) or a positive temperature"),
+    ("eval.every_n_steps", lambda v: v >= 1, "at least 1"),
+]
+
+
+def validate(cfg: DictConfig) -> SpecdecConfig:
+    """Check a composed recipe and return it as typed dataclasses, or raise one RecipeError."""
+    # Interpolations first: a ${asset:...} whose wheel is missing says how to install it.
+    problems = _interpolation_problems(cfg, prefix="")
+    if problems:
+        raise RecipeError("; ".join(problems))
+    OmegaConf.resolve(cfg)
+    problems = [f"{key}: required, but the recipe does not set it" for key in sorted(_missing(cfg))]
+
+    draft_name = cfg.draft.get("name")
+    if draft_name not in DRAFTS:
+        problems.append(f"draft.name: {draft_name!r} is not a drafter; choose one of {', '.join(DRAFTS)}")
+        draft = None
+    else:
+        draft = _typed(DRAFTS[draft_name], OmegaConf.to_container(cfg.draft), "draft", problems)
+
+    if not cfg.objective:
+        problems.append(f"objective: empty; give at least one of {', '.join(OBJECTIVES)} with a weight")
+    objectives = {}
+    for name, values in cfg.objective.items():
+        if name not in OBJECTIVES:
+            problems.append(f"objective.{name}: not an objective; choose from {', '.join(OBJECTIVES)}")
+            continue
+        if values is None:
+            problems.append(
+                f"objective.{name}: null; give its fields ({{}} for the defaults) or drop it with ~objective.{name}"
+            )
+            continue
+        objectives[name] = _typed(OBJECTIVES[name], OmegaConf.to_container(values), f"objective.{name}", problems)
+        if objectives[name].weight <= 0:
+            problems.append(f"objective.{name}.weight: {objectives[name].weight}; expected a positive weight")
+
+    for key, check, expected in _RANGES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value != MISSING and not check(value):
+            problems.append(f"{key}: {value!r}; expected {expected}")
+
+    if problems:
+        raise RecipeError("; ".join(problems))
+    typed = OmegaConf.to_object(cfg)
+    typed.draft = OmegaConf.to_object(draft)
+    typed.objective = {name: OmegaConf.to_object(node) for name, node in objectives.items()}
+    return typed
+
+
+def _missing(cfg: DictConfig) -> set[str]:
+    return {key for key in OmegaConf.missing_keys(cfg) if not key.startswith(("draft.", "objective."))}
+
+
+def _interpolation_problems(node: DictConfig | ListConfig, prefix: str) -> list[str]:
+    problems = []
+    keys = range(len(node)) if isinstance(node, ListConfig) else node.keys()
+    for key in keys:
+        full_key = f"{prefix}[{key}]" if isinstance(node, ListConfig) else f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            continue  # reported by validate() with the other missing values
+        try:
+            value = node[key]
+        except OmegaConfBaseException as error:
+            problems.append(f"{full_key}: {str(error.__cause__ or error).splitlines()[0]}")
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            problems += _interpolation_problems(value, f"{full_key}." if isinstance(value, DictConfig) else full_key)
+    return problems
+
+
+# ---- recipes ----
+
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("specdec.recipes")))
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in recipe_dir().glob("*.yaml"))
+
+
+def recipe_summary(path: Path) -> str:
+    """The recipe's first comment line: what it trains."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _recipe_path(recipe: str) -> Path:
+    if recipe.endswith((".yaml", ".yml")):
+        path = Path(recipe).expanduser().resolve()
+        if not path.is_file():
+            raise RecipeError(f"recipe={recipe}: no such file ({path}).")
+        return path
+    if recipe not in recipe_names():
+        raise RecipeError(
+            f"recipe={recipe}: no such recipe. The recipes are: {', '.join(recipe_names())} "
+            "(or give the path of your own .yaml, whose defaults list starts with `schema`)."
+        )
+    return recipe_dir() / f"{recipe}.yaml"
+
+
+def _override_problem(error: Exception) -> str:
+    cause = error.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        kind = cause.object_type
+        allowed = f"; {kind.__name__} has: {', '.join(f.name for f in fields(kind))}" if kind else ""
+        return f"{cause.full_key}: unknown key{allowed}"
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+    return str(error).splitlines()[0]
+
+
+def compose_recipe(recipe: str, overrides: list[str]) -> SpecdecConfig:
+    """A recipe name (or .yaml path) plus `key=value` overrides, composed by Hydra and validated."""
+    path = _recipe_path(recipe)
+    # The compose API, not @hydra.main: no change of working directory and no outputs/ folders.
+    with initialize_config_dir(config_dir=str(path.parent), version_base=None):
+        try:
+            cfg = compose(config_name=path.stem, overrides=overrides)
+        except HydraException as error:
+            raise RecipeError(f"recipe={recipe}: {_override_problem(error)}") from None
+        except Exception as error:  # OmegaConf can fail outside its own exception types on odd overrides
+            raise RecipeError(f"recipe={recipe}: could not apply {' '.join(overrides)}: {error}") from None
+    if OmegaConf.get_type(cfg) is not SpecdecConfig:
+        raise RecipeError(
+            f"recipe={recipe} ({path}) is not checked against the schema: its first lines must be "
+            "`defaults: [schema, _self_]`."
+        )
+    try:
+        return validate(cfg)
+    except RecipeError as error:
+        raise RecipeError(f"recipe={recipe}: {error}") from None
+
+
+def to_yaml(cfg: SpecdecConfig) -> str:
+    """The resolved config as YAML that is itself a recipe (`recipe=run_dir/config.yaml`)."""
+    return "defaults: [schema, _self_]\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
