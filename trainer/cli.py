@@ -13,11 +13,15 @@ from pathlib import Path
 import torch
 
 from specdec.data_prep import (
+    CacheError,
+    SourceError,
     TargetConfig,
     TargetLoadError,
+    TemplateError,
     check_same_tokenizer,
     load_target,
     load_tokenizer,
+    prepare_cache,
 )
 from specdec.trainer.config import (
     RecipeError,
@@ -36,8 +40,8 @@ EXIT_BAD_INPUT = 2
 GROUPS = {
     "target": "the frozen target: path (Hub id, directory or .gguf), revision, gguf_file, dtype",
     "draft": "the drafter, chosen by draft.name, and its own fields",
-    "data": "training conversations: path, max_length, max_samples, batch_size",
-    "cache": "the hidden-state cache: dir, layers, dtype",
+    "data": "conversations: path, format, max_samples, allow_truncated, on_bad_row, max_length, regenerate, ...",
+    "cache": "the hidden-state cache: dir, layers, dtype (bf16, fp8), topk, overwrite, shard_tokens, batch_tokens",
     "objective": "objectives by name, each with a weight and its own fields",
     "trainer": "arguments of lightning.Trainer (devices, strategy, precision, max_steps, ...)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
@@ -113,7 +117,7 @@ def _main(prog: str, purpose: str, stage, argv: list[str] | None) -> int:
     try:
         cfg = _configure(prog, argv)
         stage(cfg)
-    except (RecipeError, TargetLoadError, FileNotFoundError) as error:
+    except (RecipeError, TargetLoadError, FileNotFoundError, SourceError, TemplateError, CacheError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
@@ -131,9 +135,30 @@ def _train(cfg: SpecdecConfig) -> None:
     _not_built("Training", 5)(cfg)
 
 
+def _prep(cfg: SpecdecConfig) -> None:
+    target = load_target(cfg.target, seed=cfg.run.seed)
+    layers = cfg.cache.layers or cfg.draft.target_layers(target.model.config.num_hidden_layers)
+    summary = prepare_cache(
+        target, target_cfg=cfg.target, data_cfg=cfg.data, cache_cfg=cfg.cache, layers=layers, seed=cfg.run.seed
+    )
+    state = "complete" if summary.complete else "this rank is done; manifest.json follows when every rank is"
+    truncated = f", source cut off at byte {summary.truncated_at_byte}" if summary.truncated_at_byte else ""
+    print(f"cache {summary.cache_dir} ({state})")
+    print(f"  {summary.samples} samples, {summary.tokens} tokens, {summary.shards} shards, layers {layers}")
+    print(
+        f"  {summary.bytes_on_disk / 1e6:.1f} MB on disk, "
+        f"{summary.bytes_on_disk / summary.tokens:.0f} bytes per token ({cfg.cache.dtype.value})"
+    )
+    print(
+        f"  dropped {summary.dropped_samples} conversations without assistant tokens, "
+        f"skipped {summary.skipped_rows} bad rows{truncated}"
+    )
+    print(f"  target forward with writes: {summary.forward_tokens_per_s:.0f} tokens/s")
+
+
 def prep_main(argv: list[str] | None = None) -> int:
     purpose = "Run the frozen target over the training data and cache its hidden states on disk."
-    return _main("specdec-prep", purpose, _not_built("The hidden-state cache", 3), argv)
+    return _main("specdec-prep", purpose, _prep, argv)
 
 
 def train_main(argv: list[str] | None = None) -> int:

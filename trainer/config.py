@@ -19,7 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from specdec.data_prep import TargetConfig, asset_path
+from specdec.data_prep import CacheConfig, DataConfig, TargetConfig, asset_path
 
 # `${asset:NAME}` in a recipe is the path of a file shipped in a PyPI wheel (specdec.data_prep.assets).
 OmegaConf.register_new_resolver("asset", lambda name: str(asset_path(name)), replace=True)
@@ -27,30 +27,6 @@ OmegaConf.register_new_resolver("asset", lambda name: str(asset_path(name)), rep
 
 class RecipeError(ValueError):
     pass
-
-
-# ---- data and cache (the stage that reads them: specdec-prep, #3) ----
-
-
-@dataclass
-class DataConfig:
-    path: str = MISSING  # a ShareGPT json, a messages jsonl, a parquet file, or a `datasets` name
-    max_length: int = 2048  # tokens per sample after the chat template; longer samples are cut
-    max_samples: int | None = None  # None = every sample
-    allow_truncated: bool = False  # use the complete records of a file cut off mid-record
-    batch_size: int = 1  # sequences per device per optimizer micro-step
-
-
-class CacheDType(str, Enum):
-    bf16 = "bf16"
-    fp8 = "fp8"  # e4m3 with a per-token, per-layer scale
-
-
-@dataclass
-class CacheConfig:
-    dir: str = "${run.dir}/cache"
-    layers: list[int] | None = None  # HF output_hidden_states ids (0 = embeddings); None = the drafter's
-    dtype: CacheDType = CacheDType.bf16
 
 
 # ---- drafters, chosen by draft.name ----
@@ -63,6 +39,10 @@ class Eagle3DraftConfig:
     name: str = "eagle3"
     vocab_size: int = 32000  # draft vocabulary: the most frequent target tokens (EAGLE-3 reference code)
 
+    def target_layers(self, num_layers: int) -> list[int]:
+        """Entering layers 2, N//2 and N-3 (EAGLE-3 reference code), and the final normed state N."""
+        return [2, num_layers // 2, num_layers - 3, num_layers]
+
 
 @dataclass
 class PardDraftConfig:
@@ -73,6 +53,10 @@ class PardDraftConfig:
     mask_token_id: int = MISSING  # a reserved id of the tokenizer, used for every mask slot
     k: int = 8  # draft tokens trained per forward (PARD-1 `para_num`)
 
+    def target_layers(self, num_layers: int) -> list[int]:
+        """PARD-1 reads no target features; the final normed state serves distillation."""
+        return [num_layers]
+
 
 @dataclass
 class CtcDraftConfig:
@@ -80,6 +64,10 @@ class CtcDraftConfig:
 
     name: str = "ctc"
     blank_id: int = 0  # the released code reuses Llama's <unk> (id 0) as the blank
+
+    def target_layers(self, num_layers: int) -> list[int]:
+        """The last hidden state, which the released code's EAGLE-1-style head reads."""
+        return [num_layers]
 
 
 DRAFTS: dict[str, type] = {"eagle3": Eagle3DraftConfig, "pard": PardDraftConfig, "ctc": CtcDraftConfig}
@@ -193,7 +181,7 @@ class RunConfig:
 class SpecdecConfig:
     target: TargetConfig = field(default_factory=lambda: TargetConfig(path=MISSING))
     draft: Any = field(default_factory=dict)  # one of DRAFTS, by draft.name
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path=MISSING))
     cache: CacheConfig = field(default_factory=CacheConfig)
     objective: Any = field(default_factory=dict)  # name -> one of OBJECTIVES
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -238,6 +226,11 @@ def _typed(kind: type, values: dict[str, Any], key: str, problems: list[str]) ->
 _RANGES = [
     ("target.random_init", lambda v: v is None or OmegaConf.is_dict(v), "null or a mapping of config fields"),
     ("data.max_length", lambda v: v > 0, "a positive number of tokens"),
+    ("data.regenerate_max_new_tokens", lambda v: v > 0, "a positive number of tokens"),
+    ("data.regenerate_temperature", lambda v: v >= 0, "0 (greedy) or a positive temperature"),
+    ("cache.topk", lambda v: v >= 0, "0 (none) or a positive k"),
+    ("cache.shard_tokens", lambda v: v > 0, "a positive number of tokens"),
+    ("cache.batch_tokens", lambda v: v > 0, "a positive number of tokens"),
     ("data.batch_size", lambda v: v > 0, "a positive number of sequences"),
     ("data.max_samples", lambda v: v is None or v > 0, "null or a positive count"),
     ("optim.lr", lambda v: v > 0, "a positive learning rate"),

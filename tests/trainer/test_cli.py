@@ -52,11 +52,11 @@ def test_config_goes_to_run_dir_and_hydra_leaves_cwd_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert cli.prep_main(["recipe=tiny", "run.dir=run1", "data.max_samples=3"]) == 0
+    assert cli.export_main(["recipe=tiny", "run.dir=run1", "data.max_samples=3"]) == 0
     assert os.getcwd() == str(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run1"]  # no outputs/ or .hydra/
     assert compose_recipe("run1/config.yaml", []) == compose_recipe("tiny", ["run.dir=run1", "data.max_samples=3"])
-    assert "not built yet (issue #3)" in capsys.readouterr().out
+    assert "not built yet (issue #10)" in capsys.readouterr().out
 
 
 def test_train_loads_the_target_and_lets_it_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -78,3 +78,29 @@ def test_a_draft_whose_tokenizer_differs_from_the_target_exits_2(
     assert cli.train_main(["recipe=pard_smollm2", *overrides]) == 2
     err = capsys.readouterr().err
     assert f"The draft tokenizer ({tiny_llama_dir}) disagrees with the target's" in err
+
+
+def test_prep_on_the_tiny_recipe_builds_a_cache_from_sharegpt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["recipe=tiny", f"run.dir={tmp_path}", "data.max_samples=6", "data.max_length=64"]
+    assert cli.prep_main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"cache {tmp_path}/cache (complete)" in out
+    assert "layers [1, 2, 3]" in out
+    per_token = int(out.split(" bytes per token (bf16)")[0].rsplit(" ", 1)[1])
+    assert 3 * 64 * 2 + 5 <= per_token < 1.1 * (3 * 64 * 2 + 5)  # 3 layers x hidden 64 in bf16, id, mask, headers
+    from specdec.data_prep import HiddenStateCache
+
+    cache = HiddenStateCache(tmp_path / "cache")
+    assert cache.layers == [1, 2, 3] and cache[0]["hidden"].shape[1:] == (3, 64)
+
+
+@pytest.mark.slow
+def test_prep_on_the_real_target_and_sharegpt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["recipe=smollm2_eagle3", f"run.dir={tmp_path}", "data.max_samples=6", "data.max_length=96"]
+    assert cli.prep_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "layers [2, 15, 27, 30]" in out
+    from specdec.data_prep import HiddenStateCache
+
+    cache = HiddenStateCache(tmp_path / "cache")
+    assert cache[0]["hidden"].shape[1:] == (4, 576) and cache[0]["loss_mask"].any()

@@ -1,0 +1,142 @@
+"""Let the target rewrite every assistant turn, so the drafter learns the target's own answers
+(SpecForge reports about +10% acceptance from this). Turn by turn, each new answer is generated
+from the user turns and the target's earlier answers, batched across conversations (left padding).
+Chunks of conversations are written as jsonl under a temporary name and renamed, so a killed run
+resumes at the first missing chunk; sampling is seeded per chunk, so a resumed run writes the same.
+"""
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from specdec.data_prep.cache import atomic_write
+from specdec.data_prep.sources import Conversation, Turn
+from specdec.data_prep.target import Target
+
+log = logging.getLogger(__name__)
+
+
+def _rewritable(turns: tuple[Turn, ...] | list[Turn], start: int = 0) -> list[int]:
+    """Indices of the answers that follow a user turn: the ones a target can be asked to rewrite."""
+    first_user = next((i for i, turn in enumerate(turns) if turn.role == "user"), len(turns))
+    return [i for i in range(max(start, first_user), len(turns)) if turns[i].role == "assistant"]
+
+
+def _generate(
+    target: Target, prompts: list[str], *, max_new_tokens: int, temperature: float, batch_size: int
+) -> list[str]:
+    tokenizer = target.tokenizer
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(
+            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        )
+        with torch.inference_mode():
+            output = target.model.generate(
+                **batch.to(target.model.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return answers
+
+
+def _regenerate_chunk(
+    target: Target, chunk: list[Conversation], *, chat_template: str | None, progress_bar, **generation
+) -> list[Conversation]:
+    turns = [list(conversation.turns) for conversation in chunk]
+    position = [0] * len(chunk)  # next turn to look at, per conversation
+    while True:
+        # Per conversation, its next answer to rewrite; earlier answers are already the target's.
+        todo = {c: rewritable[0] for c in range(len(chunk)) if (rewritable := _rewritable(turns[c], position[c]))}
+        if not todo:
+            return [replace(conversation, turns=tuple(turns[c])) for c, conversation in enumerate(chunk)]
+        prompts = [
+            target.tokenizer.apply_chat_template(
+                [{"role": x.role, "content": x.content} for x in turns[c][:t]],
+                chat_template=chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for c, t in todo.items()
+        ]
+        for (c, t), answer in zip(todo.items(), _generate(target, prompts, **generation), strict=True):
+            turns[c][t] = Turn("assistant", answer.strip())
+            position[c] = t + 1
+        progress_bar.update(len(todo))
+
+
+def regenerate_answers(
+    target: Target,
+    conversations: list[Conversation],
+    *,
+    out_dir: Path,
+    max_new_tokens: int,
+    temperature: float,
+    chat_template: str | None = None,
+    seed: int = 0,
+    chunk_size: int = 64,
+    batch_size: int = 8,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> list[Conversation]:
+    """The conversations with every answer rewritten by the target; resumable through `out_dir`.
+    Rank r of w rewrites the chunks whose index is r mod w, then reads the others' from disk."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = target.tokenizer
+    tokenizer.padding_side = "left"  # generation continues at the right edge of every row
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    chunks = [conversations[start : start + chunk_size] for start in range(0, len(conversations), chunk_size)]
+    mine = range(rank, len(chunks), world)
+    answers = sum(len(_rewritable(conversation.turns)) for index in mine for conversation in chunks[index])
+    bar = tqdm(total=answers, desc=f"regenerating answers [rank {rank}/{world}]", unit="turn", disable=not progress)
+    for index in mine:
+        path = out_dir / f"chunk-{index:05d}.jsonl"
+        if _read_chunk(path, chunks[index]) is not None:
+            bar.update(sum(len(_rewritable(conversation.turns)) for conversation in chunks[index]))
+            continue
+        torch.manual_seed(seed + index)
+        rewritten = _regenerate_chunk(
+            target,
+            chunks[index],
+            chat_template=chat_template,
+            progress_bar=bar,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            batch_size=batch_size,
+        )
+        lines = [json.dumps({"id": c.id, "turns": [[t.role, t.content] for t in c.turns]}) for c in rewritten]
+        atomic_write(path, ("\n".join(lines) + "\n").encode())
+    bar.close()
+    result = []
+    for index, chunk in enumerate(chunks):
+        path = out_dir / f"chunk-{index:05d}.jsonl"
+        while (done := _read_chunk(path, chunk)) is None:  # another rank's chunk, still being written
+            log.info("waiting for %s from rank %d", path, index % world)
+            time.sleep(5)
+        result += done
+    return result
+
+
+def _read_chunk(path: Path, chunk: list[Conversation]) -> list[Conversation] | None:
+    """A chunk written earlier for these very conversations, or None."""
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if [row["id"] for row in rows] != [conversation.id for conversation in chunk]:
+        log.warning("%s holds other conversations than this run's; it is rewritten", path)
+        path.unlink()
+        return None
+    return [Conversation(row["id"], tuple(Turn(*turn) for turn in row["turns"])) for row in rows]

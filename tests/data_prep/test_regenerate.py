@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+
+from specdec.data_prep import Conversation, TargetConfig, Turn, load_target
+from specdec.data_prep import regenerate as regenerate_module
+from specdec.data_prep.regenerate import regenerate_answers
+
+CONVERSATIONS = [
+    Conversation("a", (Turn("user", "w1 w2"), Turn("assistant", "w3"), Turn("user", "w4"), Turn("assistant", "w5"))),
+    Conversation("b", (Turn("assistant", "orphan"), Turn("user", "w6"), Turn("assistant", "w7 w8"))),
+    Conversation("c", (Turn("system", "w9"), Turn("user", "w10"), Turn("assistant", "w11"))),
+]
+
+
+@pytest.fixture
+def tiny_target(tiny_llama_dir: Path):
+    return load_target(TargetConfig(path=str(tiny_llama_dir)))
+
+
+def _regenerate(target, out_dir: Path, temperature: float = 0.0):
+    return regenerate_answers(
+        target, CONVERSATIONS, out_dir=out_dir, max_new_tokens=3, temperature=temperature, chunk_size=2, progress=False
+    )
+
+
+def test_every_answer_after_a_question_is_rewritten_by_the_target(tiny_target, tmp_path: Path) -> None:
+    result = _regenerate(tiny_target, tmp_path)
+    assert [c.id for c in result] == ["a", "b", "c"]
+    for before, after in zip(CONVERSATIONS, result, strict=True):
+        assert [t.role for t in after.turns] == [t.role for t in before.turns]
+        for old, new in zip(before.turns, after.turns, strict=True):
+            if old.role != "assistant" or old.content == "orphan":
+                assert new == old  # questions, system prompts and orphan answers stay
+    # The second answer of "a" is what the target says after its own first answer.
+    first, second = result[0].turns[1].content, result[0].turns[3].content
+    prompt = tiny_target.tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": "w1 w2"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "w4"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert (
+        second
+        == regenerate_module._generate(tiny_target, [prompt], max_new_tokens=3, temperature=0.0, batch_size=1)[
+            0
+        ].strip()
+    )
+
+
+def test_a_killed_run_resumes_from_its_chunks_and_sampling_repeats(
+    tiny_target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = _regenerate(tiny_target, tmp_path / "whole", temperature=1.0)
+    _regenerate(tiny_target, tmp_path / "resumed", temperature=1.0)
+    (tmp_path / "resumed" / "chunk-00001.jsonl").unlink()  # as if killed while writing chunk 1
+    assert _regenerate(tiny_target, tmp_path / "resumed", temperature=1.0) == whole
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished run must not generate again")
+
+    monkeypatch.setattr(regenerate_module, "_generate", no_generation)
+    assert _regenerate(tiny_target, tmp_path / "resumed", temperature=1.0) == whole
+
+
+def test_prep_caches_the_regenerated_answers_and_reuses_them_for_another_max_length(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from specdec.data_prep import CacheConfig, DataConfig, HiddenStateCache, prepare_cache
+
+    source = tmp_path / "chats.jsonl"
+    rows = [{"id": c.id, "messages": [{"role": t.role, "content": t.content} for t in c.turns]} for c in CONVERSATIONS]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    target_cfg = TargetConfig(path=str(tiny_llama_dir))
+    target = load_target(target_cfg)
+
+    def prep(max_length: int, overwrite: bool = False):
+        data = DataConfig(path=str(source), regenerate=True, regenerate_max_new_tokens=3, max_length=max_length)
+        cache = CacheConfig(dir=str(tmp_path / "cache"), overwrite=overwrite)
+        return prepare_cache(target, target_cfg=target_cfg, data_cfg=data, cache_cfg=cache, layers=[2], progress=False)
+
+    prep(max_length=64)
+    first = HiddenStateCache(tmp_path / "cache")[0]["input_ids"].tolist()
+    (answers_dir,) = (tmp_path / "cache").glob("regenerated-*")
+    monkeypatch.setattr(regenerate_module, "_generate", lambda *a, **k: pytest.fail("answers must be reused"))
+    prep(max_length=48, overwrite=True)
+    assert HiddenStateCache(tmp_path / "cache")[0]["input_ids"].tolist() == first[:48]
+    assert list((tmp_path / "cache").glob("regenerated-*")) == [answers_dir]
