@@ -106,14 +106,14 @@ def _offline_error(cfg: TargetConfig, key: str, cause: Exception) -> TargetLoadE
 
 
 def _random_model(config: Any, overrides: dict[str, Any], dtype: torch.dtype, seed: int) -> PreTrainedModel:
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    unknown = sorted(name for name in overrides if not hasattr(config, name))
     if unknown:
         raise TargetLoadError(
             f"target.random_init has keys that {type(config).__name__} does not have: {', '.join(unknown)}. "
             "Use fields of the target's config.json (e.g. num_hidden_layers, hidden_size)."
         )
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    for name, value in overrides.items():
+        setattr(config, name, value)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -133,9 +133,9 @@ def load_tokenizer(cfg: TargetConfig, *, key: str = "target.path") -> PreTrained
     return _from_pretrained(AutoTokenizer.from_pretrained, _source(cfg, key), cfg, key)
 
 
-def load_target(cfg: TargetConfig, *, seed: int = 0) -> Target:
-    """Load the frozen target and its tokenizer; `seed` only matters with `random_init`."""
-    key = "target.path"
+def load_target(cfg: TargetConfig, *, seed: int = 0, key: str = "target.path") -> Target:
+    """Load the frozen target and its tokenizer; `seed` only matters with `random_init`; `key` is
+    the recipe key named in errors (a frozen model loaded as a drafter passes its own)."""
     source = _source(cfg, key)
     dtype = getattr(torch, DType(cfg.dtype).value)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, cfg, key)
@@ -146,7 +146,7 @@ def load_target(cfg: TargetConfig, *, seed: int = 0) -> Target:
         model = _random_model(config, dict(cfg.random_init), dtype, seed)
     if model.config.vocab_size < len(tokenizer):
         raise TargetLoadError(
-            f"target.path={cfg.path}: the model's vocab_size {model.config.vocab_size} is smaller than its "
+            f"{key}={cfg.path}: the model's vocab_size {model.config.vocab_size} is smaller than its "
             f"tokenizer ({len(tokenizer)} tokens). Check target.random_init.vocab_size or the files."
         )
     model.eval().requires_grad_(False)

@@ -1,3 +1,21 @@
-"""specdec.eval: drafters at inference, the verifier and engine, metrics and the eval hook (#4)."""
+"""specdec.eval: drafters at inference, the verifier, the speculative decoding engine, metrics,
+benchmarks and the training-time eval hook."""
 
-__all__: list[str] = []
+from specdec.eval.drafters import DRAFTERS, ChainProposal, Drafter, register_drafter
+from specdec.eval.drafters.causal_lm import CausalLMDrafter
+from specdec.eval.engine import Generation, SpecConfig, generate
+from specdec.eval.tree import DraftTree
+from specdec.eval.verify import Sampling
+
+__all__ = [
+    "DRAFTERS",
+    "CausalLMDrafter",
+    "ChainProposal",
+    "DraftTree",
+    "Drafter",
+    "Generation",
+    "Sampling",
+    "SpecConfig",
+    "generate",
+    "register_drafter",
+]

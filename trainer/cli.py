@@ -15,6 +15,7 @@ import torch
 from specdec.data_prep import (
     CacheError,
     SourceError,
+    Target,
     TargetConfig,
     TargetLoadError,
     TemplateError,
@@ -23,6 +24,9 @@ from specdec.data_prep import (
     load_tokenizer,
     prepare_cache,
 )
+from specdec.eval import CausalLMDrafter, Sampling, SpecConfig
+from specdec.eval.evaluate import evaluate_drafter
+from specdec.eval.prompts import PromptError, load_prompts
 from specdec.trainer.config import (
     RecipeError,
     SpecdecConfig,
@@ -45,7 +49,7 @@ GROUPS = {
     "objective": "objectives by name, each with a weight and its own fields",
     "trainer": "arguments of lightning.Trainer (devices, strategy, precision, max_steps, ...)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
-    "eval": "tau measured by the verifier: bench, num_prompts, max_new_tokens, k, temperature",
+    "eval": "tau by the verifier: drafter, bench, num_prompts, max_new_tokens, k, tree_width, temperature, out",
     "export": "the exported drafter: format (sglang, speculators, hf), dir",
     "run": "dir (everything of a run goes there) and seed",
 }
@@ -117,7 +121,15 @@ def _main(prog: str, purpose: str, stage, argv: list[str] | None) -> int:
     try:
         cfg = _configure(prog, argv)
         stage(cfg)
-    except (RecipeError, TargetLoadError, FileNotFoundError, SourceError, TemplateError, CacheError) as error:
+    except (
+        RecipeError,
+        TargetLoadError,
+        FileNotFoundError,
+        SourceError,
+        TemplateError,
+        CacheError,
+        PromptError,
+    ) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
@@ -166,9 +178,64 @@ def train_main(argv: list[str] | None = None) -> int:
     return _main("specdec-train", purpose, _train, argv)
 
 
+def eos_token_ids(target: Target) -> set[int]:
+    ids = {target.tokenizer.eos_token_id, *_as_list(target.model.generation_config.eos_token_id)}
+    return {i for i in ids if i is not None}
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _eval(cfg: SpecdecConfig) -> None:
+    if cfg.eval.drafter is None:
+        raise RecipeError(
+            "eval.drafter: required; give a causal LM (directory or Hub id) that shares the target's tokenizer, "
+            "e.g. eval.drafter=path/to/small-model (drafters trained by specdec-train come with #5)."
+        )
+    target = load_target(cfg.target, seed=cfg.run.seed)
+    draft = load_target(TargetConfig(path=cfg.eval.drafter, dtype=cfg.target.dtype), key="eval.drafter")
+    check_same_tokenizer(target.tokenizer, draft.tokenizer, target_name=cfg.target.path, draft_name=cfg.eval.drafter)
+    prompts = load_prompts(
+        cfg.eval.bench, target.tokenizer, num_prompts=cfg.eval.num_prompts, chat_template=cfg.data.chat_template
+    )
+    spec = SpecConfig(
+        k=cfg.eval.k,
+        tree_width=cfg.eval.tree_width,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        sampling=Sampling(cfg.eval.temperature, cfg.eval.top_p),
+    )
+    report = evaluate_drafter(
+        target.model,
+        CausalLMDrafter(draft.model),
+        prompts,
+        cfg=spec,
+        eos_token_ids=eos_token_ids(target),
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.run.seed,
+    )
+    out = Path(cfg.eval.out)
+    report.write(out, title=f"{cfg.eval.bench}, k={cfg.eval.k}, tau {report.tau:.2f}")
+    matches = (
+        ""
+        if report.greedy_matches_target is None
+        else f", greedy output = target's: {report.greedy_matches_target:.0%}"
+    )
+    print(f"{cfg.eval.bench}: {report.num_prompts} prompts, {report.new_tokens} new tokens, {report.device}")
+    print(
+        f"  tau {report.tau:.3f}  accept rate {report.accept_rate:.3f}  per position "
+        + " ".join(f"{r:.2f}" for r in report.accept_rate_per_pos)
+    )
+    print(
+        f"  {report.tokens_per_s:.1f} tokens/s vs autoregressive {report.ar_tokens_per_s:.1f}: "
+        f"speedup {report.speedup:.2f}x{matches}"
+    )
+    print(f"  report {out}, plot {out.with_suffix('.png')}")
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     purpose = "Measure a drafter's tau, acceptance per position and speedup with the real verifier."
-    return _main("specdec-eval", purpose, _not_built("The verifier and engine", 4), argv)
+    return _main("specdec-eval", purpose, _eval, argv)
 
 
 def export_main(argv: list[str] | None = None) -> int:

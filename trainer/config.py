@@ -149,14 +149,19 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """What the verifier-based eval measures tau on (#4)."""
+    """Tau measured by the engine and verifier of specdec.eval, in specdec-eval and the eval hook."""
 
+    drafter: str | None = None  # specdec-eval: a causal LM (directory or Hub id) sharing the target's tokenizer
     bench: str = "mtbench"  # mtbench | humaneval | sharegpt | a jsonl file of prompts
     num_prompts: int = 32
     max_new_tokens: int = 128
-    k: int = 4  # draft tokens per verify step
+    k: int = 4  # draft tokens per verify step (the depth of a tree)
+    tree_width: int = 1  # 1 = chain drafts; W > 1 = trees of k levels of W nodes (EAGLE-style top-k)
     temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 1  # prompts decoded together
     every_n_steps: int = 100  # eval hook period during training
+    out: str = "${run.dir}/eval.json"  # the report; the acceptance plot goes beside it as .png
 
 
 class ExportFormat(str, Enum):
@@ -239,6 +244,10 @@ _RANGES = [
     ("eval.num_prompts", lambda v: v >= 1, "at least one prompt"),
     ("eval.temperature", lambda v: v >= 0, "0 (greedy) or a positive temperature"),
     ("eval.every_n_steps", lambda v: v >= 1, "at least 1"),
+    ("eval.tree_width", lambda v: v >= 1, "1 (a chain) or more"),
+    ("eval.top_p", lambda v: 0 < v <= 1, "a probability in (0, 1]"),
+    ("eval.batch_size", lambda v: v >= 1, "at least one prompt"),
+    ("eval.max_new_tokens", lambda v: v >= 1, "at least one token"),
 ]
 
 

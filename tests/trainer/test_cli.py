@@ -104,3 +104,48 @@ def test_prep_on_the_real_target_and_sharegpt(tmp_path: Path, capsys: pytest.Cap
 
     cache = HiddenStateCache(tmp_path / "cache")
     assert cache[0]["hidden"].shape[1:] == (4, 576) and cache[0]["loss_mask"].any()
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped_drafter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer random Llama with SmolLM2's tokenizer, saved as a plain HF directory."""
+    from specdec.data_prep import TargetConfig, asset_path, load_target
+
+    shape = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    draft = load_target(
+        TargetConfig(
+            path=str(asset_path("smollm2_gguf")), random_init={**shape, "num_key_value_heads": 1, "head_dim": 16}
+        ),
+        seed=5,
+    )
+    path = tmp_path_factory.mktemp("drafter")
+    draft.model.save_pretrained(path)
+    draft.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eval_writes_the_report_and_the_plot(
+    smollm2_shaped_drafter: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    argv = [
+        "recipe=tiny",
+        f"run.dir={tmp_path}",
+        f"eval.drafter={smollm2_shaped_drafter}",
+        "eval.num_prompts=3",
+        "eval.max_new_tokens=12",
+        "eval.k=3",
+    ]
+    assert cli.eval_main(argv) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["num_prompts"] == 3 and report["k"] == 3 and report["greedy_matches_target"] == 1.0
+    assert 1.0 <= report["tau"] <= 4.0 and len(report["accept_rate_per_pos"]) == 3
+    assert report["speedup"] == pytest.approx(report["tokens_per_s"] / report["ar_tokens_per_s"])
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tau " in capsys.readouterr().out
+
+
+def test_eval_without_a_drafter_says_what_to_give(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.eval_main(["recipe=tiny", f"run.dir={tmp_path}"]) == 2
+    assert "eval.drafter: required" in capsys.readouterr().err

@@ -1,0 +1,191 @@
+"""The speculative decoding engine: draft, verify in one target forward, keep the accepted path.
+
+One loop serves every use: `specdec-eval`, the training-time eval hook and the benchmarks; with no
+drafter it is plain autoregressive decoding on the same code path (the baseline of every speedup).
+Prompts are batched with left padding; rows finish at different times and leave the batch. Per
+verify step and row it records how many drafted tokens were accepted.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from specdec.eval import kv
+from specdec.eval.drafters import ChainProposal, Drafter
+from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, verify_tree_greedy, verify_tree_sampled
+from specdec.eval.verify import Sampling, to_probs, verify_chain_greedy, verify_chain_sampled
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    k: int = 4  # drafted tokens per verify step: chain length, or tree depth
+    tree_width: int = 1  # 1 = a chain; W > 1 = a tree of k levels of W nodes
+    max_new_tokens: int = 128
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass(frozen=True)
+class Generation:
+    new_tokens: list[list[int]]  # per prompt, in prompt order; ends with EOS when one was emitted
+    accepted: list[list[int]]  # per prompt, drafted tokens accepted at each verify step
+    seconds: float  # wall time of the whole generation, prefill included
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(tokens) for tokens in self.new_tokens)
+
+
+class _TargetState:
+    """The frozen target with its KV cache over the accepted tokens (all but the pending one)."""
+
+    def __init__(self, model: PreTrainedModel, layers: tuple[int, ...]) -> None:
+        self.model, self.layers = model, layers
+        self.cache = DynamicCache(config=model.config)
+        self.mask: torch.Tensor
+
+    def forward(
+        self, tokens: torch.Tensor, offsets: torch.Tensor, attention_mask: torch.Tensor | None, logits_to_keep: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, n, V] (the last `logits_to_keep` only, if set) and the drafter's hidden states."""
+        output = self.model(
+            logits_to_keep=logits_to_keep,
+            input_ids=tokens,
+            attention_mask=attention_mask,
+            position_ids=kv.positions(self.mask, offsets),
+            cache=self.cache,
+            use_cache=True,
+            output_hidden_states=bool(self.layers),
+        )
+        hidden = torch.stack([output.hidden_states[i] for i in self.layers], dim=2) if self.layers else None
+        return output.logits, hidden
+
+
+def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(prompt) for prompt in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[row, longest - len(prompt) :] = 1
+    return ids, mask
+
+
+@dataclass(frozen=True)
+class _Block:
+    tokens: torch.Tensor  # [B, A]: the pending token, then the drafts
+    offsets: torch.Tensor  # [A] or [B, A]: positions after the valid cache entries
+    attention_mask: torch.Tensor | None
+    chain: ChainProposal | None
+    tree: DraftTree | None
+
+
+def _draft(drafter: Drafter | None, pending: torch.Tensor, state: _TargetState, cfg: SpecConfig, generator) -> _Block:
+    device = pending.device
+    if drafter is None:
+        tokens = pending[:, None]
+        return _Block(tokens, torch.zeros(1, dtype=torch.long, device=device), kv.block_mask(state.mask, 1), None, None)
+    if cfg.tree_width == 1:
+        chain = drafter.propose_chain(pending, cfg.k, cfg.sampling, generator)
+        tokens = torch.cat([pending[:, None], chain.tokens], dim=1)
+        offsets = torch.arange(cfg.k + 1, device=device)
+        return _Block(tokens, offsets, kv.block_mask(state.mask, tokens.shape[1]), chain, None)
+    tree = drafter.propose_tree(pending, cfg.k, cfg.tree_width)
+    tokens = torch.cat([pending[:, None], tree.tokens], dim=1)
+    mask = kv.tree_attention_mask(state.mask, ancestor_mask(tree), state.model.dtype)
+    return _Block(tokens, block_offsets(tree), mask, None, tree)
+
+
+def _verify(logits: torch.Tensor, block: _Block, sampling: Sampling, generator):
+    """(accepted [B], next tokens [B], kept block offsets per row) for the step's drafts."""
+    if block.tree is not None:
+        verdict = (
+            verify_tree_greedy(block.tree, target_logits=logits)
+            if sampling.greedy
+            else verify_tree_sampled(block.tree, target_probs=to_probs(logits, sampling), generator=generator)
+        )
+        return verdict.accepted, verdict.next_tokens, [[0] + [1 + node for node in path] for path in verdict.paths]
+    if block.chain is None:  # autoregressive: a "chain" of no drafts
+        first = logits[:, 0]
+        nxt = (
+            first.argmax(-1)
+            if sampling.greedy
+            else torch.multinomial(to_probs(first, sampling), 1, generator=generator)[:, 0]
+        )
+        return torch.zeros_like(nxt), nxt, [[0]] * len(nxt)
+    if sampling.greedy:
+        verdict = verify_chain_greedy(draft_tokens=block.chain.tokens, target_logits=logits)
+    else:
+        verdict = verify_chain_sampled(
+            draft_tokens=block.chain.tokens,
+            draft_probs=block.chain.probs,
+            target_probs=to_probs(logits, sampling),
+            generator=generator,
+        )
+    return verdict.accepted, verdict.next_tokens, [list(range(n + 1)) for n in verdict.accepted.tolist()]
+
+
+@torch.inference_mode()
+def generate(
+    target: PreTrainedModel,
+    prompts: list[list[int]],
+    *,
+    drafter: Drafter | None,
+    cfg: SpecConfig,
+    eos_token_ids: set[int],
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Continue every prompt (token ids, chat template applied) for up to cfg.max_new_tokens tokens."""
+    device = target.device
+    start = time.perf_counter()
+    ids, mask = _left_pad(prompts, device)
+    state = _TargetState(target, drafter.target_layers if drafter else ())
+    state.mask = mask[:, :0]
+    context, context_mask, pending = ids[:, :-1], mask[:, :-1], ids[:, -1]
+    hidden = None
+    if context.shape[1]:
+        positions = (context_mask.cumsum(1) - 1).clamp(min=0)
+        # the prefill's logits are never read: the pending token's come with the first block
+        _, hidden = state.forward(context, positions, None if bool(context_mask.all()) else context_mask, 1)
+        state.mask = context_mask
+    if drafter is not None:
+        drafter.begin(context, context_mask, hidden)
+
+    rows = list(range(len(prompts)))  # prompt index of each batch row still generating
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    accepted: list[list[int]] = [[] for _ in prompts]
+    while rows:
+        block = _draft(drafter, pending, state, cfg, generator)
+        logits, hidden = state.forward(block.tokens, block.offsets.expand(len(rows), -1), block.attention_mask)
+        num_accepted, next_tokens, kept = _verify(logits, block, cfg.sampling, generator)
+
+        finished = []
+        block_tokens, next_list, accepted_list = block.tokens.tolist(), next_tokens.tolist(), num_accepted.tolist()
+        for row, prompt_index in enumerate(rows):
+            out = new_tokens[prompt_index]
+            for token in [block_tokens[row][offset] for offset in kept[row][1:]] + [next_list[row]]:
+                out.append(token)
+                if token in eos_token_ids or len(out) == cfg.max_new_tokens:
+                    finished.append(row)
+                    break
+            if drafter is not None:
+                accepted[prompt_index].append(accepted_list[row])
+        state.mask = kv.keep_accepted(state.cache, state.mask, kept, block.tokens.shape[1])
+        if drafter is not None:
+            drafter.commit(block.tokens, kept, hidden)
+        pending = next_tokens
+        if finished:
+            keep_rows = torch.tensor(
+                [r for r in range(len(rows)) if r not in finished], device=device, dtype=torch.long
+            )
+            rows = [rows[r] for r in keep_rows.tolist()]
+            if not rows:
+                break
+            state.mask = kv.select_rows(state.cache, state.mask, keep_rows)
+            pending = pending[keep_rows]
+            if drafter is not None:
+                drafter.select_rows(keep_rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return Generation(new_tokens, accepted, time.perf_counter() - start)

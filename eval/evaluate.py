@@ -1,0 +1,112 @@
+"""Measure a drafter the way it will serve: the engine decodes held-out prompts with and without
+it, in one run, and reports tau, acceptance per position, tokens/s and the speedup over plain
+autoregressive decoding of the same target on the same prompts. Greedy runs also check that
+every output equals the target's own greedy decode (the autoregressive run)."""
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from specdec.eval.drafters import Drafter
+from specdec.eval.engine import Generation, SpecConfig, generate
+from specdec.eval.metrics import acceptance_stats, plot_acceptance
+from specdec.eval.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    tau: float
+    accept_rate: float
+    accept_rate_per_pos: list[float]
+    tokens_per_s: float
+    ar_tokens_per_s: float
+    speedup: float
+    num_prompts: int
+    new_tokens: int
+    verify_steps: int
+    k: int
+    tree_width: int
+    temperature: float
+    greedy_matches_target: float | None  # share of outputs equal to the target's greedy decode; None if sampled
+    device: str
+
+    def write(self, path: Path, title: str) -> None:
+        """The JSON report at `path` and the acceptance plot beside it (same name, .png)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        plot_acceptance(self.accept_rate_per_pos, path.with_suffix(".png"), title)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _batched(
+    target: PreTrainedModel,
+    prompts: list[Prompt],
+    *,
+    drafter: Drafter | None,
+    cfg: SpecConfig,
+    eos_token_ids: set[int],
+    batch_size: int,
+    seed: int,
+    desc: str,
+    progress: bool,
+) -> Generation:
+    tokens, accepted, seconds = [], [], 0.0
+    generator = torch.Generator(device=target.device).manual_seed(seed)
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = [prompt.token_ids for prompt in prompts[start : start + batch_size]]
+        result = generate(target, batch, drafter=drafter, cfg=cfg, eos_token_ids=eos_token_ids, generator=generator)
+        tokens += result.new_tokens
+        accepted += result.accepted
+        seconds += result.seconds
+    return Generation(tokens, accepted, seconds)
+
+
+def evaluate_drafter(
+    target: PreTrainedModel,
+    drafter: Drafter,
+    prompts: list[Prompt],
+    *,
+    cfg: SpecConfig,
+    eos_token_ids: set[int],
+    batch_size: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> EvalReport:
+    """One run: warm-up, the autoregressive baseline, then speculative decoding with `drafter`."""
+    common = {"cfg": cfg, "eos_token_ids": eos_token_ids, "batch_size": batch_size, "seed": seed, "progress": progress}
+    warm = SpecConfig(k=cfg.k, tree_width=cfg.tree_width, max_new_tokens=4, sampling=cfg.sampling)
+    generate(target, [prompts[0].token_ids], drafter=drafter, cfg=warm, eos_token_ids=eos_token_ids)
+    baseline = _batched(target, prompts, drafter=None, desc="autoregressive", **common)
+    spec = _batched(target, prompts, drafter=drafter, desc="speculative", **common)
+    stats = acceptance_stats([n for row in spec.accepted for n in row], cfg.k)
+    matches = None
+    if cfg.sampling.greedy:
+        matches = sum(a == b for a, b in zip(spec.new_tokens, baseline.new_tokens, strict=True)) / len(prompts)
+    tokens_per_s = spec.num_new_tokens / spec.seconds
+    ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
+    return EvalReport(
+        tau=stats.tau,
+        accept_rate=stats.accept_rate,
+        accept_rate_per_pos=stats.accept_rate_per_pos,
+        tokens_per_s=tokens_per_s,
+        ar_tokens_per_s=ar_tokens_per_s,
+        speedup=tokens_per_s / ar_tokens_per_s,
+        num_prompts=len(prompts),
+        new_tokens=spec.num_new_tokens,
+        verify_steps=stats.verify_steps,
+        k=cfg.k,
+        tree_width=cfg.tree_width,
+        temperature=cfg.sampling.temperature,
+        greedy_matches_target=matches,
+        device=device_name(target.device),
+    )

@@ -1,0 +1,71 @@
+"""The eval hook: every N training steps, decode held-out prompts with the drafter being trained,
+through the same engine and verifier as `specdec-eval`, and log what serving will see:
+eval/tau, eval/accept_rate, eval/accept_pos_<i>, eval/tokens_per_s and eval/speedup. `eval/tau`
+can be the monitor of ModelCheckpoint, so the kept checkpoint is the one that accepts most."""
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel
+
+from specdec.eval.drafters import Drafter
+from specdec.eval.engine import SpecConfig, generate
+from specdec.eval.metrics import acceptance_stats
+from specdec.eval.prompts import Prompt
+
+
+class SpecEvalCallback(L.Callback):
+    def __init__(
+        self,
+        *,
+        target: PreTrainedModel,
+        prompts: list[Prompt],
+        make_drafter: Callable[[L.LightningModule], Drafter],  # an inference session over the module's drafter
+        cfg: SpecConfig,
+        eos_token_ids: set[int],
+        every_n_steps: int,
+        seed: int = 0,
+    ) -> None:
+        self.target, self.prompts, self.make_drafter = target, [p.token_ids for p in prompts], make_drafter
+        self.cfg, self.eos_token_ids, self.every_n_steps, self.seed = cfg, eos_token_ids, every_n_steps, seed
+        self.ar_tokens_per_s: float | None = None  # the target is frozen: measured once
+
+    def _decode(self, drafter: Drafter | None):
+        generator = torch.Generator(device=self.target.device).manual_seed(self.seed)
+        return generate(
+            self.target,
+            self.prompts,
+            drafter=drafter,
+            cfg=self.cfg,
+            eos_token_ids=self.eos_token_ids,
+            generator=generator,
+        )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
+            return
+        if self.ar_tokens_per_s is None:
+            baseline = self._decode(None)
+            self.ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            result = self._decode(self.make_drafter(pl_module))
+        finally:
+            pl_module.train(was_training)
+        stats = acceptance_stats([n for row in result.accepted for n in row], self.cfg.k)
+        tokens_per_s = result.num_new_tokens / result.seconds
+        metrics = {
+            "eval/tau": stats.tau,
+            "eval/accept_rate": stats.accept_rate,
+            "eval/tokens_per_s": tokens_per_s,
+            "eval/speedup": tokens_per_s / self.ar_tokens_per_s,
+            **{f"eval/accept_pos_{i}": rate for i, rate in enumerate(stats.accept_rate_per_pos)},
+        }
+        # Straight to the loggers at this step (self.log would repeat the values at later steps), and
+        # into callback_metrics on every rank, so that ModelCheckpoint(monitor="eval/tau") agrees.
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
