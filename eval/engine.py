@@ -49,13 +49,14 @@ class _TargetState:
         self, tokens: torch.Tensor, offsets: torch.Tensor, attention_mask: torch.Tensor | None, logits_to_keep: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, n, V] (the last `logits_to_keep` only, if set) and the drafter's hidden states."""
-        output = self.model(
+        output = kv.append(
+            self.model,
+            self.cache,
+            self.mask,
+            tokens,
+            offsets,
+            attention_mask,
             logits_to_keep=logits_to_keep,
-            input_ids=tokens,
-            attention_mask=attention_mask,
-            position_ids=kv.positions(self.mask, offsets),
-            cache=self.cache,
-            use_cache=True,
             output_hidden_states=bool(self.layers),
         )
         hidden = torch.stack([output.hidden_states[i] for i in self.layers], dim=2) if self.layers else None

@@ -8,12 +8,37 @@ exactly what a fresh prefill of the accepted tokens would hold (rolled back, nev
 """
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 
 def positions(attention_mask: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """Position ids [B, A] of a block appended after the valid entries: valid count + block offset."""
     return attention_mask.sum(dim=1, keepdim=True) + block
+
+
+def append(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    attention_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    offsets: torch.Tensor,
+    block_mask: torch.Tensor | None,
+    *,
+    logits_to_keep: int = 0,
+    output_hidden_states: bool = False,
+):
+    """Run `tokens` [B, n] through `model`, appending them to `cache` at positions valid + offsets.
+    attention_mask [B, S] marks the valid cache entries; block_mask covers cache + tokens (2-D, or a
+    4-D tree mask), None when nothing is masked. logits_to_keep=1 skips the LM head but for the last."""
+    return model(
+        input_ids=tokens,
+        attention_mask=block_mask,
+        position_ids=positions(attention_mask, offsets),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        output_hidden_states=output_hidden_states,
+    )
 
 
 def _gather_layers(cache: DynamicCache, index: torch.Tensor) -> None:

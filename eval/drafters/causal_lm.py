@@ -29,14 +29,8 @@ class CausalLMDrafter:
         """Logits [B, n, V] of `tokens` [B, n] appended to the cache at positions valid + offsets
         (the last `logits_to_keep` positions only, if set)."""
         with torch.inference_mode():
-            return self.model(
-                logits_to_keep=logits_to_keep,
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=kv.positions(self.mask, offsets),
-                cache=self.cache,
-                use_cache=True,
-            ).logits
+            output = kv.append(self.model, self.cache, self.mask, tokens, offsets, mask, logits_to_keep=logits_to_keep)
+        return output.logits
 
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
         self.cache = DynamicCache(config=self.model.config)

@@ -31,8 +31,8 @@ P = torch.tensor([0.1, 0.5, 0.3, 0.1])
 Q = torch.tensor([0.4, 0.1, 0.1, 0.4])
 
 
-def _first_tokens(samples: int, seed: int = 0) -> torch.Tensor:
-    """The first emitted token of a one-draft chain: the accepted draft, or the correction."""
+def _one_draft_chains(samples: int, seed: int = 0):
+    """`samples` chains of one draft drawn from Q, verified against P: (drafts [N, 1], verdict)."""
     generator = torch.Generator().manual_seed(seed)
     drafts = torch.multinomial(Q.expand(samples, -1), 1, replacement=True, generator=generator)
     verdict = verify_chain_sampled(
@@ -41,6 +41,12 @@ def _first_tokens(samples: int, seed: int = 0) -> torch.Tensor:
         target_probs=P.expand(samples, 2, -1),
         generator=generator,
     )
+    return drafts, verdict
+
+
+def _first_tokens(samples: int) -> torch.Tensor:
+    """The first emitted token of each chain: the accepted draft, or the correction."""
+    drafts, verdict = _one_draft_chains(samples)
     return torch.where(verdict.accepted == 1, drafts[:, 0], verdict.next_tokens)
 
 
@@ -60,15 +66,8 @@ def test_resampling_from_p_instead_of_the_residual_fails_the_same_test(monkeypat
 
 
 def test_the_acceptance_rate_is_the_sum_of_minima() -> None:
-    generator = torch.Generator().manual_seed(1)
     samples = 40_000
-    drafts = torch.multinomial(Q.expand(samples, -1), 1, replacement=True, generator=generator)
-    verdict = verify_chain_sampled(
-        draft_tokens=drafts,
-        draft_probs=Q.expand(samples, 1, -1),
-        target_probs=P.expand(samples, 2, -1),
-        generator=generator,
-    )
+    _, verdict = _one_draft_chains(samples, seed=1)
     alpha = torch.minimum(P, Q).sum()  # 0.1 + 0.1 + 0.1 + 0.1 = 0.4
     assert abs(verdict.accepted.float().mean() - alpha) < 4 * (alpha * (1 - alpha) / samples) ** 0.5
 
