@@ -93,6 +93,28 @@ class KdConfig:
 
 
 @dataclass
+class ExpectedAcceptConfig:
+    """Minus the closed-form expected accepted length over the unrolled steps."""
+
+    weight: float = 1.0
+
+
+@dataclass
+class LkAlphaConfig:
+    """LK loss, -log alpha."""
+
+    weight: float = 1.0
+
+
+@dataclass
+class LkHybridConfig:
+    """LK loss, lambda * KL + (1 - lambda) * (1 - alpha) with lambda = exp(-kl_decay * sg(alpha))."""
+
+    weight: float = 1.0
+    kl_decay: float = 1.0  # SpecForge's and speculators' typed default; SpecForge's legacy CLI used 3
+
+
+@dataclass
 class PardConfig:
     """PARD cross entropy over K mask blocks with conditional drop-token (COD)."""
 
@@ -110,7 +132,15 @@ class CtcConfig:
     label_len: int = 3  # target tokens per window (released code `fixlen`)
 
 
-OBJECTIVES: dict[str, type] = {"ttt": TttConfig, "kd": KdConfig, "pard": PardConfig, "ctc": CtcConfig}
+OBJECTIVES: dict[str, type] = {
+    "ttt": TttConfig,
+    "kd": KdConfig,
+    "expected_accept": ExpectedAcceptConfig,
+    "lk_alpha": LkAlphaConfig,
+    "lk_hybrid": LkHybridConfig,
+    "pard": PardConfig,
+    "ctc": CtcConfig,
+}
 
 
 # ---- the loop, the optimizer, eval, export, the run ----

@@ -73,7 +73,7 @@ def test_all_problems_are_reported_at_once() -> None:
     assert message.startswith("recipe=tiny: ")
     for expected in (
         "draft.k: unknown key; Eagle3DraftConfig has: name, vocab_size",
-        "objective.foo: not an objective; choose from ttt, kd, pard, ctc",
+        "objective.foo: not an objective; choose from ttt, kd, expected_accept, lk_alpha, lk_hybrid, pard, ctc",
         "optim.lr: -1.0; expected a positive learning rate",
         "eval.k: 0; expected at least one draft token",
     ):
@@ -88,7 +88,10 @@ def test_all_problems_are_reported_at_once() -> None:
         ("draft.name=medusa", "draft.name: 'medusa' is not a drafter; choose one of eagle3, pard, ctc"),
         ("draft.mask_token_id=???", None),  # eagle3 has no such key
         ("objective.ttt.weight=0", "objective.ttt.weight: 0.0; expected a positive weight"),
-        ("~objective.ttt", "objective: empty; give at least one of ttt, kd, pard, ctc with a weight"),
+        (
+            "~objective.ttt",
+            "objective: empty; give at least one of ttt, kd, expected_accept, lk_alpha, lk_hybrid, pard, ctc",
+        ),
         ("target.path=???", "target.path: required, but the recipe does not set it"),
     ],
 )
