@@ -1,0 +1,37 @@
+"""The EAGLE-3 draft vocabulary: the `size` target tokens that most often carry the loss.
+
+    used  = the `size` most frequent token ids where loss_mask is True (ties: lower id first),
+            topped up with the lowest unused ids if fewer distinct tokens occur; sorted ascending
+    d2t[i] = used[i] - i          offsets: target_id = draft_id + d2t[draft_id]
+    t2d[v] = v in used            bool over the target vocabulary
+
+The convention of SafeAILab/EAGLE eagle/traineagle3/cnets.py (cb7e084) and SpecForge
+data/preprocessing.py::process_token_dict_to_mappings (a6b6b02), which SGLang and vLLM read
+(shared/reference/ecosystem.md, section 1a).
+"""
+
+from collections.abc import Iterable
+
+import torch
+
+
+def count_loss_tokens(samples: Iterable[dict[str, torch.Tensor]], vocab_size: int) -> torch.Tensor:
+    """Occurrences [V] of each token id where the loss mask is True; samples hold input_ids and loss_mask."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for sample in samples:
+        counts += torch.bincount(sample["input_ids"][sample["loss_mask"].bool()], minlength=vocab_size)
+    return counts
+
+
+def draft_vocab(counts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d2t [size] int64, t2d [V] bool) from per-token counts [V]."""
+    vocab_size = len(counts)
+    if not 0 < size <= vocab_size:
+        raise ValueError(f"draft.vocab_size={size}: expected between 1 and the target's {vocab_size} tokens")
+    # stable sort by count, descending: equal counts keep ascending ids
+    order = torch.sort(-counts, stable=True).indices
+    used = torch.sort(order[:size]).values
+    d2t = used - torch.arange(size)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[used] = True
+    return d2t, t2d
