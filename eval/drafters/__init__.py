@@ -62,6 +62,6 @@ def register_drafter(name: str) -> Callable:
     return register
 
 
-from specdec.eval.drafters import causal_lm  # noqa: E402 (registers the drafter after the registry exists)
+from specdec.eval.drafters import causal_lm, eagle3  # noqa: E402 (they register after the registry exists)
 
-__all__ = ["DRAFTERS", "ChainProposal", "Drafter", "causal_lm", "register_drafter"]
+__all__ = ["DRAFTERS", "ChainProposal", "Drafter", "causal_lm", "eagle3", "register_drafter"]

@@ -28,6 +28,9 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from specdec.eval.drafters import ChainProposal, register_drafter
+from specdec.eval.verify import Sampling, to_probs
+
 
 class Eagle3Attention(nn.Module):
     """Llama attention whose q, k, v read the 2H-wide [embedding ; features] input."""
@@ -122,3 +125,126 @@ class Eagle3Model(nn.Module):
             features = layer.finish(features, attended)
             logits.append(self.logits(features))
         return torch.stack(logits, dim=1)
+
+
+@register_drafter("eagle3")
+class Eagle3Drafter:
+    """The engine's session over an Eagle3Model. Its cache holds one entry per accepted position t,
+    built from the target's features h_t and the next token x_{t+1}. A step first feeds the entries
+    that became known (the features of the tokens accepted last step, paired with their successors,
+    the last with the pending token), then drafts on its own outputs; those own-feature entries are
+    dropped at commit, since the target's features replace them."""
+
+    def __init__(self, model: Eagle3Model, target_layers: tuple[int, ...]) -> None:
+        self.model = model.eval()
+        self.target_layers = target_layers
+
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
+        batch, device = len(input_ids), input_ids.device
+        self.keys = self.values = None
+        self.mask = attention_mask[:, :0]
+        # Queued entries: features of context positions, whose next tokens are the context shifted
+        # by one and, for the last, the pending token (known at the first propose).
+        empty = torch.zeros(batch, 0, len(self.target_layers), self.model.fc.out_features, device=device)
+        self.queue_hidden = target_hidden if target_hidden is not None else empty
+        self.queue_tokens = input_ids[:, 1:]
+        self.queue_mask = attention_mask
+
+    def _attend(self, features: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, visible: torch.Tensor):
+        """Append entries (features [B, n, H], tokens [B, n]) at positions valid + offsets; visible
+        [B, n, S + n] says which cache entries and new entries each may see. Returns outputs o [B, n, H]."""
+        layer, attention = self.model.midlayer, self.model.midlayer.self_attn
+        x = layer.attention_input(self.model.embed_tokens(tokens), features)
+        positions = self.mask.sum(dim=1, keepdim=True) + offsets
+        cos, sin = self.model.rotary_emb(features, positions)
+        q, k, v = attention.project(x, cos, sin)
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q, self.keys, self.values, attn_mask=visible[:, None]
+        )
+        return layer.finish(features, attended.transpose(1, 2).flatten(2))
+
+    def _target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.model.d2t[draft_ids]
+
+    def _target_probs(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        """The draft distribution on the target vocabulary: zero outside the draft vocabulary."""
+        probs = to_probs(logits, sampling)
+        full = probs.new_zeros(*probs.shape[:-1], len(self.model.t2d))
+        ids = torch.arange(probs.shape[-1], device=probs.device)
+        return full.index_copy(-1, ids + self.model.d2t, probs)
+
+    @torch.inference_mode()
+    def propose_chain(
+        self, pending: torch.Tensor, k: int, sampling: Sampling, generator: torch.Generator | None
+    ) -> ChainProposal:
+        batch = len(pending)
+        queued = self.queue_mask.shape[1]
+        if queued == 0:  # a one-token prompt: no target features yet, so nothing to draft from
+            drafts = pending[:, None].expand(-1, k)
+            self.committed = self.mask.shape[1]
+            one_hot = None if sampling.greedy else torch.nn.functional.one_hot(drafts, len(self.model.t2d)).float()
+            return ChainProposal(drafts, one_hot)
+        tokens = torch.cat([self.queue_tokens, pending[:, None]], dim=1)  # the successor of each queued entry
+        features = self.model.fc(self.queue_hidden.flatten(2))
+        past = self.mask.bool()
+        # queued entries: left-padded (holes masked); each sees the cache and the queue up to itself
+        own = (
+            torch.ones(queued, queued, dtype=torch.bool, device=pending.device).tril()
+            & self.queue_mask.bool()[:, None, :]
+        )
+        visible = torch.cat([past[:, None, :].expand(-1, queued, -1), own], dim=2)
+        visible |= torch.eye(queued + past.shape[1], dtype=torch.bool, device=pending.device)[past.shape[1] :][None]
+        offsets = (self.queue_mask.cumsum(dim=1) - 1).clamp(min=0)
+        outputs = self._attend(features, tokens, offsets, visible)
+        self.mask = torch.cat([self.mask, self.queue_mask], dim=1)
+        self.committed = self.mask.shape[1]  # entries from here on are the draft's own, dropped at commit
+        feature, drafts, probs = outputs[:, -1:], [], []
+        for step in range(k):
+            logits = self.model.logits(feature)[:, -1]
+            if sampling.greedy:
+                token = self._target_ids(logits.argmax(dim=-1))
+            else:
+                probs.append(self._target_probs(logits, sampling))
+                token = torch.multinomial(probs[-1], 1, generator=generator)[:, 0]
+            drafts.append(token)
+            if step == k - 1:
+                break
+            visible = torch.cat(
+                [self.mask.bool(), torch.ones(batch, step + 1, dtype=torch.bool, device=pending.device)], 1
+            )
+            feature = self._attend(
+                feature, token[:, None], torch.full((batch, 1), step, device=pending.device), visible[:, None]
+            )
+        return ChainProposal(torch.stack(drafts, dim=1), torch.stack(probs, dim=1) if probs else None)
+
+    def propose_tree(self, pending: torch.Tensor, depth: int, width: int):
+        raise ValueError(
+            "eval.tree_width > 1: tree drafts from the EAGLE-3 drafter are not built yet (issue #5); "
+            "use chains, eval.tree_width=1."
+        )
+
+    def commit(self, block: torch.Tensor, kept: list[list[int]], target_hidden: torch.Tensor | None) -> None:
+        # Drop the draft's own entries; queue the target's features of the accepted tokens.
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:, :, : self.committed], self.values[:, :, : self.committed]
+        batch, longest = len(kept), max(len(offsets) for offsets in kept)
+        self.queue_hidden = target_hidden.new_zeros(batch, longest, *target_hidden.shape[2:])
+        self.queue_tokens = block.new_zeros(batch, longest - 1)
+        self.queue_mask = self.mask.new_zeros(batch, longest)
+        for row, offsets in enumerate(kept):
+            shift = longest - len(offsets)  # right-aligned: the last entry's successor is the next pending token
+            self.queue_hidden[row, shift:] = target_hidden[row, offsets]
+            self.queue_tokens[row, shift:] = block[row, offsets[1:]]
+            self.queue_mask[row, shift:] = 1
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+        self.mask = self.mask[rows]
+        self.queue_hidden, self.queue_tokens, self.queue_mask = (
+            self.queue_hidden[rows],
+            self.queue_tokens[rows],
+            self.queue_mask[rows],
+        )

@@ -79,3 +79,88 @@ def test_the_embedding_is_shared_frozen_and_gets_no_gradient() -> None:
     logits.sum().backward()
     assert model.embed_tokens.weight.grad is None and model.fc.weight.grad is not None
     assert {name for name, p in model.named_parameters() if p.requires_grad} >= {"fc.weight", "lm_head.weight"}
+
+
+# The session inside the engine: a random head over a tiny target.
+from specdec.eval import SpecConfig, generate  # noqa: E402
+from specdec.eval.drafters.eagle3 import Eagle3Drafter  # noqa: E402
+from specdec.eval.verify import Sampling  # noqa: E402
+from tests.eval.helpers import hf_greedy, tiny_lm  # noqa: E402
+
+TARGET = tiny_lm(seed=0)
+LAYERS = (1, 1, 2)  # HF output_hidden_states ids of the 2-layer target
+
+
+def _head(draft_vocab: int = 64) -> Eagle3Model:
+    torch.manual_seed(2)
+    head = Eagle3Model(TARGET.config, draft_vocab_size=draft_vocab, embed_tokens=TARGET.model.embed_tokens)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.2)
+        used = torch.arange(0, 64, 64 // draft_vocab)  # every other token when the draft vocabulary is half
+        head.d2t.copy_(used - torch.arange(draft_vocab))
+        head.t2d.zero_()[used] = True
+    return head.eval()
+
+
+def test_the_session_drafts_what_the_training_unroll_computes() -> None:
+    prompt = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    head, k = _head(32), 3
+    with torch.no_grad():
+        hidden = TARGET(prompt[:, :-1], output_hidden_states=True).hidden_states
+    target_hidden = torch.stack([hidden[i] for i in LAYERS], dim=2)  # [1, T-1, 3, H]
+    session = Eagle3Drafter(head, LAYERS)
+    session.begin(prompt[:, :-1], torch.ones_like(prompt[:, :-1]), target_hidden)
+    proposal = session.propose_chain(prompt[:, -1], k, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
+    # The unroll with the drafts as the "gold" continuation: step k at the last context position.
+    next_ids = torch.cat([prompt[:, 1:], proposal.tokens[:, :-1]], dim=1)
+    padded_hidden = torch.cat([target_hidden, torch.zeros(1, k - 1, 3, 32)], dim=1)
+    with torch.no_grad():
+        logits = head.unroll(
+            target_hidden=padded_hidden, next_ids=next_ids, attention_mask=torch.ones_like(next_ids), steps=k
+        )
+    last = prompt.shape[1] - 2
+    expected = torch.softmax(logits[0, :, last], dim=-1)  # [K, V_d]
+    torch.testing.assert_close(proposal.probs[0][:, head.t2d], expected, rtol=1e-4, atol=1e-6)
+    assert proposal.probs[0][:, ~head.t2d].abs().max() == 0  # nothing outside the draft vocabulary
+
+
+def test_greedy_output_with_an_eagle3_head_is_the_targets_own() -> None:
+    prompts = [[1, 5, 7, 9, 11], [1, 3], [1, 20, 21, 22, 23, 24, 25, 30], [4]]
+    reference = [hf_greedy(TARGET, prompt, 32) for prompt in prompts]
+    cfg = SpecConfig(k=3, max_new_tokens=32)
+    single = [
+        generate(TARGET, [p], drafter=Eagle3Drafter(_head(32), LAYERS), cfg=cfg, eos_token_ids=set()) for p in prompts
+    ]
+    batched = generate(TARGET, prompts, drafter=Eagle3Drafter(_head(32), LAYERS), cfg=cfg, eos_token_ids=set())
+    assert [r.new_tokens[0] for r in single] == reference
+    assert batched.new_tokens == reference
+
+
+def test_sampled_output_with_an_eagle3_head_follows_the_target_distribution() -> None:
+    from tests.eval.helpers import chi_square_p_value
+    from tests.eval.test_engine import ALPHA, SMALL_PROMPT, SMALL_TARGET, _exact_law
+
+    torch.manual_seed(4)
+    head = Eagle3Model(SMALL_TARGET.config, draft_vocab_size=4, embed_tokens=SMALL_TARGET.model.embed_tokens)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.5)
+        head.d2t.copy_(torch.tensor([0, 0, 1, 2]))  # draft tokens 0..3 are target tokens 0, 1, 3, 5
+        head.t2d.copy_(torch.tensor([True, True, False, True, False, True]))
+    generator, counts = torch.Generator().manual_seed(0), torch.zeros(36, dtype=torch.float64)
+    cfg = SpecConfig(k=2, max_new_tokens=2, sampling=Sampling(temperature=1.0))
+    for _ in range(12):
+        result = generate(
+            SMALL_TARGET,
+            [SMALL_PROMPT] * 1000,
+            drafter=Eagle3Drafter(head.eval(), LAYERS),
+            cfg=cfg,
+            eos_token_ids=set(),
+            generator=generator,
+        )
+        for a, b in (tokens[:2] for tokens in result.new_tokens):
+            counts[a * 6 + b] += 1
+    assert chi_square_p_value(counts, _exact_law()) > ALPHA
