@@ -135,16 +135,13 @@ def _main(prog: str, purpose: str, stage, argv: list[str] | None) -> int:
     return 0
 
 
-def _not_built(stage: str, issue: int):
-    def run(cfg: SpecdecConfig) -> None:
-        print(f"{stage} is not built yet (issue #{issue}); the recipe checked out and its config is saved.")
-
-    return run
+def _say_not_built(stage: str, issue: int) -> None:
+    print(f"{stage} is not built yet (issue #{issue}); the recipe checked out and its config is saved.")
 
 
 def _train(cfg: SpecdecConfig) -> None:
     _check_target(cfg)
-    _not_built("Training", 5)(cfg)
+    _say_not_built("Training", 5)
 
 
 def _prep(cfg: SpecdecConfig) -> None:
@@ -240,4 +237,4 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     purpose = "Export a trained drafter for vLLM or SGLang, with a model card, and push it to the Hub."
-    return _main("specdec-export", purpose, _not_built("Export", 10), argv)
+    return _main("specdec-export", purpose, lambda cfg: _say_not_built("Export", 10), argv)
