@@ -91,6 +91,11 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+def record_name(index: int) -> str:
+    """The shard's record (sha256, counts, key hash), written only after the shard itself."""
+    return f"shard-{index:05d}.json"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:

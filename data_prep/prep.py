@@ -37,6 +37,7 @@ from specdec.data_prep.cache import (
     key_difference,
     key_hash,
     quantize_fp8,
+    record_name,
     shard_name,
 )
 from specdec.data_prep.regenerate import regenerate_answers
@@ -93,18 +94,24 @@ def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return [*batches, current] if current else batches
 
 
+def right_pad(token_ids: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, longest]; right padding, so real tokens never attend to pads."""
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = torch.zeros(len(token_ids), longest, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
 @torch.inference_mode()
 def target_hidden_states(
     model: PreTrainedModel, token_ids: list[np.ndarray], layers: list[int], topk: int
 ) -> list[dict[str, torch.Tensor]]:
     """One padded forward: per sample, hidden [T, L, H] float32 (and topk_ids / topk_logits [T, k])."""
     device = model.device
-    longest = max(len(ids) for ids in token_ids)
-    input_ids = torch.zeros(len(token_ids), longest, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(token_ids):  # right padding: real tokens never attend to pads
-        input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
-        attention_mask[row, : len(ids)] = 1
+    input_ids, attention_mask = right_pad(token_ids)
     output = model.base_model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
@@ -168,7 +175,7 @@ class _ShardWriter:
         data = safetensors_bytes(tensors)
         atomic_write(self.directory / shard_name(index), data)
         record = {**record, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "key_hash": self.key_hash}
-        atomic_write(self.directory / f"shard-{index:05d}.json", json.dumps(record).encode())
+        atomic_write(self.directory / record_name(index), json.dumps(record).encode())
 
     def put(self, index: int, tensors: dict, record: dict) -> None:
         self._raise()
@@ -186,7 +193,7 @@ class _ShardWriter:
 
 def _done_record(directory: Path, index: int, expected_hash: str) -> dict | None:
     """The record of a shard that a previous run finished under the same key, else None."""
-    record_path = directory / f"shard-{index:05d}.json"
+    record_path = directory / record_name(index)
     shard_path = directory / shard_name(index)
     if not (record_path.is_file() and shard_path.is_file()):
         return None
@@ -219,7 +226,7 @@ def _merge_manifest(directory: Path, key: dict, num_shards: int) -> bool:
     if any(record is None for record in records):
         return False
     for stale in directory.glob("shard-*"):  # left by an earlier, larger build
-        if int(stale.name[6:11]) >= num_shards:
+        if int(stale.name.split(".")[0].removeprefix("shard-")) >= num_shards:
             stale.unlink()
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -146,9 +146,9 @@ def generate(
     context, context_mask, pending = ids[:, :-1], mask[:, :-1], ids[:, -1]
     hidden = None
     if context.shape[1]:
-        positions = (context_mask.cumsum(1) - 1).clamp(min=0)
         # the prefill's logits are never read: the pending token's come with the first block
-        _, hidden = state.forward(context, positions, None if bool(context_mask.all()) else context_mask, 1)
+        positions = kv.prefill_positions(context_mask)
+        _, hidden = state.forward(context, positions, kv.unless_all_visible(context_mask), 1)
         state.mask = context_mask
     if drafter is not None:
         drafter.begin(context, context_mask, hidden)

@@ -11,6 +11,16 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 
+def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of a left-padded prompt: each row counts from its first real token."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def unless_all_visible(mask: torch.Tensor) -> torch.Tensor | None:
+    """The mask, or None when it hides nothing: the model then takes its faster unmasked causal path."""
+    return None if bool(mask.all()) else mask
+
+
 def positions(attention_mask: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """Position ids [B, A] of a block appended after the valid entries: valid count + block offset."""
     return attention_mask.sum(dim=1, keepdim=True) + block
@@ -89,11 +99,10 @@ def select_rows(cache: DynamicCache, attention_mask: torch.Tensor, rows: torch.T
 
 
 def block_mask(attention_mask: torch.Tensor, block_size: int) -> torch.Tensor | None:
-    """The 2-D mask of a causal block appended to the cache; None when nothing is padded, which lets
-    the model take its faster unmasked causal path."""
-    if bool(attention_mask.all()):
-        return None
-    return torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], block_size)], dim=1)
+    """The 2-D mask of a causal block appended to the cache; None when nothing is padded."""
+    return unless_all_visible(
+        torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], block_size)], dim=1)
+    )
 
 
 def tree_attention_mask(attention_mask: torch.Tensor, ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -38,8 +38,7 @@ class CausalLMDrafter:
         self.lagging = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         self.lag_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
         if input_ids.shape[1]:
-            positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-            self._forward(input_ids, positions, None if bool(attention_mask.all()) else attention_mask, 1)
+            self._forward(input_ids, kv.prefill_positions(attention_mask), kv.unless_all_visible(attention_mask), 1)
             self.mask = attention_mask
 
     def _feed_pending(self, pending: torch.Tensor) -> torch.Tensor:
@@ -53,7 +52,7 @@ class CausalLMDrafter:
         else:
             tokens, offsets = pending[:, None], base
         mask = torch.cat([self.past, torch.ones_like(pending)[:, None].to(self.mask.dtype)], dim=1)
-        return self._forward(tokens, offsets, None if bool(mask.all()) else mask, 1)[:, -1]
+        return self._forward(tokens, offsets, kv.unless_all_visible(mask), 1)[:, -1]
 
     def propose_chain(
         self, pending: torch.Tensor, k: int, sampling: Sampling, generator: torch.Generator | None
@@ -71,7 +70,7 @@ class CausalLMDrafter:
             if step == k:
                 break  # d_K is fed next step, if accepted
             mask = torch.cat([self.past, self.past.new_ones(len(pending), step + 1)], dim=1)
-            logits = self._forward(current, base + step, None if bool(mask.all()) else mask)[:, -1]
+            logits = self._forward(current, base + step, kv.unless_all_visible(mask))[:, -1]
         self.block_size = int(self.slot) + k  # [lag slot,] pending, d_1 .. d_{K-1}
         self.unfed_from = k  # target-block offsets >= this are not in the cache
         return ChainProposal(torch.cat(tokens, dim=1), torch.stack(probs, dim=1) if probs else None)

@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal, register_drafter
 from specdec.eval.verify import Sampling, to_probs
 
@@ -196,7 +197,7 @@ class Eagle3Drafter:
         )
         visible = torch.cat([past[:, None, :].expand(-1, queued, -1), own], dim=2)
         visible |= torch.eye(queued + past.shape[1], dtype=torch.bool, device=pending.device)[past.shape[1] :][None]
-        offsets = (self.queue_mask.cumsum(dim=1) - 1).clamp(min=0)
+        offsets = kv.prefill_positions(self.queue_mask)
         outputs = self._attend(features, tokens, offsets, visible)
         self.mask = torch.cat([self.mask, self.queue_mask], dim=1)
         self.committed = self.mask.shape[1]  # entries from here on are the draft's own, dropped at commit
