@@ -3,7 +3,7 @@ hidden-state cache (writer and reader)."""
 
 from specdec.data_prep.assets import ASSETS, asset_path
 from specdec.data_prep.cache import CacheConfig, CacheDType, CacheError, HiddenStateCache
-from specdec.data_prep.prep import PrepSummary, cache_key, prepare_cache
+from specdec.data_prep.prep import PrepSummary, cache_key, prepare_cache, target_hidden_states, training_samples
 from specdec.data_prep.sources import Conversation, DataConfig, SourceError, Turn, read_conversations
 from specdec.data_prep.target import (
     DType,
@@ -40,5 +40,7 @@ __all__ = [
     "load_tokenizer",
     "prepare_cache",
     "read_conversations",
+    "target_hidden_states",
     "tokenize_conversation",
+    "training_samples",
 ]

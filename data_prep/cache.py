@@ -42,6 +42,7 @@ class CacheConfig:
     overwrite: bool = False  # rebuild a cache that was made from another configuration
     shard_tokens: int = 65536  # samples are grouped into shards of about this many tokens
     batch_tokens: int = 8192  # padded tokens per target forward while caching
+    online: bool = False  # train with the target in the loop instead of from this cache (nothing on disk)
 
 
 class CacheError(RuntimeError):
@@ -165,17 +166,34 @@ class HiddenStateCache:
             self._offsets[index] = handle.get_tensor("offsets")
         return self._open[index]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def lengths(self) -> list[int]:
+        """Tokens of every sample (opens, and so checks, every shard)."""
+        lengths = []
+        for index in range(len(self.shards)):
+            self._shard(index)
+            lengths += self._offsets[index].diff().tolist()
+        return lengths
+
+    def _locate(self, index: int) -> tuple[Any, int, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} of a cache with {len(self)} samples")
         shard_index = bisect_right(self._starts, index) - 1
         handle = self._shard(shard_index)
         local = index - self._starts[shard_index]
         start, end = self._offsets[shard_index][local : local + 2].tolist()
-        sample = {
+        return handle, start, end
+
+    def tokens(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample `index` without its hidden states: input_ids [T] int64 and loss_mask [T] bool."""
+        handle, start, end = self._locate(index)
+        return {
             "input_ids": handle.get_slice("input_ids")[start:end].long(),
             "loss_mask": handle.get_slice("loss_mask")[start:end],
         }
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        handle, start, end = self._locate(index)
+        sample = self.tokens(index)
         if self.manifest["key"]["dtype"] == CacheDType.fp8.value:
             values = handle.get_slice("hidden")[start:end]
             scale = handle.get_slice("hidden_scale")[start:end]

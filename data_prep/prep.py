@@ -41,7 +41,7 @@ from specdec.data_prep.cache import (
     shard_name,
 )
 from specdec.data_prep.regenerate import regenerate_answers
-from specdec.data_prep.sources import DataConfig, read_conversations
+from specdec.data_prep.sources import DataConfig, SourceData, read_conversations
 from specdec.data_prep.target import Target, TargetConfig
 from specdec.data_prep.templates import Sample, tokenize_conversation
 
@@ -354,6 +354,7 @@ def cache_key(
         if data_cfg.regenerate
         else None,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "max_turns": data_cfg.max_turns,
         "max_length": data_cfg.max_length,
         "layers": list(layers),
         "dtype": CacheDType(cache_cfg.dtype).value,
@@ -373,7 +374,51 @@ _ANSWER_KEY_FIELDS = (
     "on_bad_row",
     "regenerate",
     "chat_template_sha256",
+    "max_turns",
+    "max_length",
 )
+
+
+def training_samples(
+    target: Target, data_cfg: DataConfig, *, key: dict[str, Any], work_dir: Path, seed: int, progress: bool = True
+) -> tuple[list[Sample], SourceData, int]:
+    """Read, (regenerate,) and tokenize the conversations: the samples with at least one assistant
+    token, in source order (sample i of the cache), the source, and how many were dropped. Offline
+    prep and online training call this, so both see the same samples."""
+    rank, world = distributed_rank()
+    source = read_conversations(data_cfg)
+    conversations = source.conversations
+    if data_cfg.regenerate:
+        # Answers depend on the target, the data, the template, the sampling and max_length (answers
+        # beyond it are not rewritten), not on the cache's layers: they survive a rebuild of the cache.
+        answers_key = {name: key[name] for name in _ANSWER_KEY_FIELDS}
+        conversations = regenerate_answers(
+            target,
+            conversations,
+            out_dir=work_dir / f"regenerated-{key_hash(answers_key)}",
+            max_new_tokens=data_cfg.regenerate_max_new_tokens,
+            temperature=data_cfg.regenerate_temperature,
+            batch_size=data_cfg.regenerate_batch_size,
+            chat_template=data_cfg.chat_template,
+            max_prompt_tokens=data_cfg.max_length,
+            seed=seed,
+            rank=rank,
+            world=world,
+            progress=progress,
+        )
+    samples = []
+    for conversation in tqdm(conversations, desc="tokenizing", unit="conv", disable=not progress):
+        sample = tokenize_conversation(
+            target.tokenizer, conversation, max_length=data_cfg.max_length, chat_template=data_cfg.chat_template
+        )
+        if sample.loss_mask.any():
+            samples.append(sample)
+    dropped = len(conversations) - len(samples)
+    if dropped:
+        log.info("dropped %d conversations with no assistant token within %d tokens", dropped, data_cfg.max_length)
+    if not samples:
+        raise CacheError(f"data.path={data_cfg.path}: no conversation has an assistant token to learn from.")
+    return samples, source, dropped
 
 
 def prepare_cache(
@@ -396,36 +441,9 @@ def prepare_cache(
         )
     rank, world = distributed_rank()
     key = cache_key(target, target_cfg, data_cfg, cache_cfg, layers=layers, seed=seed)
-    source = read_conversations(data_cfg)
-    conversations = source.conversations
-    if data_cfg.regenerate:
-        # Answers depend on the target, the data, the template and the sampling, not on the cache's
-        # layers or max_length: keyed by those, they survive a rebuild of the cache.
-        answers_key = {name: key[name] for name in _ANSWER_KEY_FIELDS}
-        conversations = regenerate_answers(
-            target,
-            conversations,
-            out_dir=Path(cache_cfg.dir) / f"regenerated-{key_hash(answers_key)}",
-            max_new_tokens=data_cfg.regenerate_max_new_tokens,
-            temperature=data_cfg.regenerate_temperature,
-            chat_template=data_cfg.chat_template,
-            seed=seed,
-            rank=rank,
-            world=world,
-            progress=progress,
-        )
-    samples = []
-    for conversation in tqdm(conversations, desc="tokenizing", unit="conv", disable=not progress):
-        sample = tokenize_conversation(
-            target.tokenizer, conversation, max_length=data_cfg.max_length, chat_template=data_cfg.chat_template
-        )
-        if sample.loss_mask.any():
-            samples.append(sample)
-    dropped = len(conversations) - len(samples)
-    if dropped:
-        log.info("dropped %d conversations with no assistant token within %d tokens", dropped, data_cfg.max_length)
-    if not samples:
-        raise CacheError(f"data.path={data_cfg.path}: no conversation has an assistant token to learn from.")
+    samples, source, dropped = training_samples(
+        target, data_cfg, key=key, work_dir=Path(cache_cfg.dir), seed=seed, progress=progress
+    )
     summary = write_cache(target.model, samples, key=key, cfg=cache_cfg, rank=rank, world=world, progress=progress)
     return replace(
         summary,

@@ -31,11 +31,12 @@ def _generate(
     target: Target, prompts: list[str], *, max_new_tokens: int, temperature: float, batch_size: int
 ) -> list[str]:
     tokenizer = target.tokenizer
-    answers = []
+    # Batches of similar length: a long prompt makes every row of its batch attend over its padding.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        rows = order[start : start + batch_size]
+        batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         )
@@ -47,12 +48,19 @@ def _generate(
                 **sampling,
             )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for row, answer in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+            answers[row] = answer
     return answers
 
 
 def _regenerate_chunk(
-    target: Target, chunk: list[Conversation], *, chat_template: str | None, progress_bar, **generation
+    target: Target,
+    chunk: list[Conversation],
+    *,
+    chat_template: str | None,
+    max_prompt_tokens: int | None,
+    progress_bar,
+    **generation,
 ) -> list[Conversation]:
     turns = [list(conversation.turns) for conversation in chunk]
     position = [0] * len(chunk)  # next turn to look at, per conversation
@@ -61,16 +69,24 @@ def _regenerate_chunk(
         todo = {c: rewritable[0] for c in range(len(chunk)) if (rewritable := _rewritable(turns[c], position[c]))}
         if not todo:
             return [replace(conversation, turns=tuple(turns[c])) for c, conversation in enumerate(chunk)]
-        prompts = [
-            target.tokenizer.apply_chat_template(
+        prompts = {
+            c: target.tokenizer.apply_chat_template(
                 [{"role": x.role, "content": x.content} for x in turns[c][:t]],
                 chat_template=chat_template,
                 tokenize=False,
                 add_generation_prompt=True,
             )
             for c, t in todo.items()
-        ]
-        for (c, t), answer in zip(todo.items(), _generate(target, prompts, **generation), strict=True):
+        }
+        if max_prompt_tokens is not None:
+            # An answer after max_prompt_tokens is cut from the sample anyway (data.max_length), and so
+            # is everything after it: those answers stay as they are.
+            for c in list(todo):
+                if len(target.tokenizer(prompts[c], add_special_tokens=False)["input_ids"]) >= max_prompt_tokens:
+                    position[c] = len(turns[c])
+                    del todo[c], prompts[c]
+        answers = _generate(target, list(prompts.values()), **generation)
+        for (c, t), answer in zip(todo.items(), answers, strict=True):
             turns[c][t] = Turn("assistant", answer.strip())
             position[c] = t + 1
         progress_bar.update(len(todo))
@@ -84,6 +100,7 @@ def regenerate_answers(
     max_new_tokens: int,
     temperature: float,
     chat_template: str | None = None,
+    max_prompt_tokens: int | None = None,
     seed: int = 0,
     chunk_size: int = 64,
     batch_size: int = 8,
@@ -112,6 +129,7 @@ def regenerate_answers(
             target,
             chunks[index],
             chat_template=chat_template,
+            max_prompt_tokens=max_prompt_tokens,
             progress_bar=bar,
             max_new_tokens=max_new_tokens,
             temperature=temperature,

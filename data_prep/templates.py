@@ -48,6 +48,8 @@ def render_with_spans(
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans of its assistant turns."""
     messages = _without_orphan_answers(conversation)
+    if not messages:  # answers only: nothing to learn from; the caller counts it as dropped
+        return "", []
     text = _render(tokenizer, messages, chat_template, prompt=False)
     spans = []
     for index, message in enumerate(messages):
@@ -71,6 +73,8 @@ def tokenize_conversation(
 ) -> Sample:
     """Token ids and the assistant-only loss mask, cut to `max_length` tokens."""
     text, spans = render_with_spans(tokenizer, conversation, chat_template)
+    if not text:
+        return Sample(conversation.id, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=bool))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = np.asarray(encoded["input_ids"][:max_length], dtype=np.int32)
     starts = np.asarray([start for start, _ in encoded["offset_mapping"][:max_length]], dtype=np.int64)

@@ -1,7 +1,8 @@
 """Measure a drafter the way it will serve: the engine decodes held-out prompts with and without
 it, in one run, and reports tau, acceptance per position, tokens/s and the speedup over plain
-autoregressive decoding of the same target on the same prompts. Greedy runs also check that
-every output equals the target's own greedy decode (the autoregressive run)."""
+autoregressive decoding of the same target on the same prompts. Several drafters (a trained one
+and its untrained start) share that baseline. Greedy runs also check that every output equals
+the target's own greedy decode (the autoregressive run)."""
 
 import json
 import platform
@@ -35,11 +36,13 @@ class EvalReport:
     greedy_matches_target: float | None  # share of outputs equal to the target's greedy decode; None if sampled
     device: str
 
-    def write(self, path: Path, title: str) -> None:
-        """The JSON report at `path` and the acceptance plot beside it (same name, .png)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        plot_acceptance(self.accept_rate_per_pos, path.with_suffix(".png"), title)
+
+def write_reports(reports: dict[str, EvalReport], path: Path, title: str) -> None:
+    """The JSON report at `path` ({drafter name: report}) and the acceptance plot beside it (.png)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({name: asdict(report) for name, report in reports.items()}, indent=1) + "\n")
+    series = {f"{name} (tau {report.tau:.2f})": report.accept_rate_per_pos for name, report in reports.items()}
+    plot_acceptance(series, path.with_suffix(".png"), title)
 
 
 def device_name(device: torch.device) -> str:
@@ -71,9 +74,9 @@ def _batched(
     return Generation(tokens, accepted, seconds)
 
 
-def evaluate_drafter(
+def evaluate_drafters(
     target: PreTrainedModel,
-    drafter: Drafter,
+    drafters: dict[str, Drafter],
     prompts: list[Prompt],
     *,
     cfg: SpecConfig,
@@ -81,32 +84,41 @@ def evaluate_drafter(
     batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
-) -> EvalReport:
-    """One run: warm-up, the autoregressive baseline, then speculative decoding with `drafter`."""
+) -> dict[str, EvalReport]:
+    """One run: warm-up, the autoregressive baseline, then speculative decoding with each drafter."""
     common = {"cfg": cfg, "eos_token_ids": eos_token_ids, "batch_size": batch_size, "seed": seed, "progress": progress}
     warm = SpecConfig(k=cfg.k, tree_width=cfg.tree_width, max_new_tokens=4, sampling=cfg.sampling)
-    generate(target, [prompts[0].token_ids], drafter=drafter, cfg=warm, eos_token_ids=eos_token_ids)
+    for drafter in drafters.values():
+        generate(target, [prompts[0].token_ids], drafter=drafter, cfg=warm, eos_token_ids=eos_token_ids)
     baseline = _batched(target, prompts, drafter=None, desc="autoregressive", **common)
-    spec = _batched(target, prompts, drafter=drafter, desc="speculative", **common)
-    stats = acceptance_stats([n for row in spec.accepted for n in row], cfg.k)
-    matches = None
-    if cfg.sampling.greedy:
-        matches = sum(a == b for a, b in zip(spec.new_tokens, baseline.new_tokens, strict=True)) / len(prompts)
-    tokens_per_s = spec.num_new_tokens / spec.seconds
     ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
-    return EvalReport(
-        tau=stats.tau,
-        accept_rate=stats.accept_rate,
-        accept_rate_per_pos=stats.accept_rate_per_pos,
-        tokens_per_s=tokens_per_s,
-        ar_tokens_per_s=ar_tokens_per_s,
-        speedup=tokens_per_s / ar_tokens_per_s,
-        num_prompts=len(prompts),
-        new_tokens=spec.num_new_tokens,
-        verify_steps=stats.verify_steps,
-        k=cfg.k,
-        tree_width=cfg.tree_width,
-        temperature=cfg.sampling.temperature,
-        greedy_matches_target=matches,
-        device=device_name(target.device),
-    )
+    reports = {}
+    for name, drafter in drafters.items():
+        spec = _batched(target, prompts, drafter=drafter, desc=f"speculative, {name}", **common)
+        stats = acceptance_stats([n for row in spec.accepted for n in row], cfg.k)
+        matches = None
+        if cfg.sampling.greedy:
+            matches = sum(a == b for a, b in zip(spec.new_tokens, baseline.new_tokens, strict=True)) / len(prompts)
+        tokens_per_s = spec.num_new_tokens / spec.seconds
+        reports[name] = EvalReport(
+            tau=stats.tau,
+            accept_rate=stats.accept_rate,
+            accept_rate_per_pos=stats.accept_rate_per_pos,
+            tokens_per_s=tokens_per_s,
+            ar_tokens_per_s=ar_tokens_per_s,
+            speedup=tokens_per_s / ar_tokens_per_s,
+            num_prompts=len(prompts),
+            new_tokens=spec.num_new_tokens,
+            verify_steps=stats.verify_steps,
+            k=cfg.k,
+            tree_width=cfg.tree_width,
+            temperature=cfg.sampling.temperature,
+            greedy_matches_target=matches,
+            device=device_name(target.device),
+        )
+    return reports
+
+
+def evaluate_drafter(target: PreTrainedModel, drafter: Drafter, prompts: list[Prompt], **kwargs) -> EvalReport:
+    """`evaluate_drafters` with one drafter."""
+    return evaluate_drafters(target, {"drafter": drafter}, prompts, **kwargs)["drafter"]

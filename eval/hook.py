@@ -1,5 +1,6 @@
-"""The eval hook: every N training steps, decode held-out prompts with the drafter being trained,
-through the same engine and verifier as `specdec-eval`, and log what serving will see:
+"""The eval hook: every N training steps and at the last one, decode held-out prompts with the
+drafter being trained, through the same engine and verifier as `specdec-eval`, and log what
+serving will see:
 eval/tau, eval/accept_rate, eval/accept_pos_<i>, eval/tokens_per_s and eval/speedup. `eval/tau`
 can be the monitor of ModelCheckpoint, so the kept checkpoint is the one that accepts most."""
 
@@ -13,6 +14,14 @@ from specdec.eval.drafters import Drafter
 from specdec.eval.engine import SpecConfig, generate
 from specdec.eval.metrics import acceptance_stats
 from specdec.eval.prompts import Prompt
+
+
+def is_last_step(trainer: L.Trainer) -> bool:
+    """The batch that ends training, by max_steps or by the last batch of the last epoch."""
+    if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return bool(trainer.is_last_batch and max_epochs is not None and 0 < max_epochs <= trainer.current_epoch + 1)
 
 
 class SpecEvalCallback(L.Callback):
@@ -43,7 +52,8 @@ class SpecEvalCallback(L.Callback):
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
+        periodic = trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0
+        if not (periodic or is_last_step(trainer)):
             return
         if self.ar_tokens_per_s is None:
             baseline = self._decode(None)

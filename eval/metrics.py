@@ -46,20 +46,24 @@ def expected_acceptance_length(
     return per_position[valid].mean() if valid.any() else per_position.new_tensor(1.0)
 
 
-def plot_acceptance(per_pos: list[float], path: Path, title: str) -> None:
-    """Bar chart of the acceptance rate by draft position, as a PNG."""
+def plot_acceptance(series: dict[str, list[float]], path: Path, title: str) -> None:
+    """Grouped bars of the acceptance rate by draft position, one colour per drafter, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    positions = range(1, len(per_pos) + 1)
-    axis.bar(positions, per_pos, color="#3b75af")
-    for position, rate in zip(positions, per_pos, strict=True):
-        axis.text(position, rate + 0.01, f"{rate:.2f}", ha="center", va="bottom", fontsize=8)
-    axis.set(xlabel="draft position", ylabel="P(accepted up to here)", ylim=(0, 1.08), title=title)
-    axis.set_xticks(list(positions))
+    figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    width = 0.8 / len(series)
+    for index, (label, per_pos) in enumerate(series.items()):
+        positions = [p + 1 + (index - (len(series) - 1) / 2) * width for p in range(len(per_pos))]
+        axis.bar(positions, per_pos, width=width, label=label)
+        for position, rate in zip(positions, per_pos, strict=True):
+            axis.text(position, rate + 0.01, f"{rate:.2f}", ha="center", va="bottom", fontsize=7)
+    length = max(len(per_pos) for per_pos in series.values())
+    axis.set(xlabel="draft position", ylabel="P(accepted up to here)", ylim=(0, 1.15), title=title)
+    axis.set_xticks(list(range(1, length + 1)))
+    axis.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -7,25 +7,21 @@ stage. Bad input exits with status 2 and one message, never a traceback.
 
 import logging
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 from specdec.data_prep import (
     CacheError,
     SourceError,
-    Target,
     TargetConfig,
     TargetLoadError,
     TemplateError,
     check_same_tokenizer,
     load_target,
-    load_tokenizer,
     prepare_cache,
 )
-from specdec.eval import CausalLMDrafter, Sampling, SpecConfig
-from specdec.eval.evaluate import evaluate_drafter
+from specdec.eval import CausalLMDrafter
+from specdec.eval.drafters.eagle3 import DrafterLoadError, Eagle3Drafter, is_eagle3_dir, load_eagle3
+from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
 from specdec.eval.prompts import PromptError, load_prompts
 from specdec.trainer.config import (
     RecipeError,
@@ -36,6 +32,8 @@ from specdec.trainer.config import (
     recipe_summary,
     to_yaml,
 )
+from specdec.trainer.module import TrainingDiverged
+from specdec.trainer.train import eos_token_ids, new_eagle3, spec_config, train
 
 log = logging.getLogger("specdec")
 
@@ -53,9 +51,6 @@ GROUPS = {
     "export": "the exported drafter: format (sglang, speculators, hf), dir",
     "run": "dir (everything of a run goes there) and seed",
 }
-
-# A fixed question the target answers before training: the chat template and the weights work.
-SMOKE_QUESTION = "In one sentence, what does a compiler do?"
 
 
 def _usage(prog: str, purpose: str) -> str:
@@ -88,30 +83,6 @@ def _configure(prog: str, argv: list[str]) -> SpecdecConfig:
     return cfg
 
 
-def _check_target(cfg: SpecdecConfig) -> None:
-    """Load the target, check a draft initialised from another model shares its tokenizer, and
-    let the target answer one question through its chat template."""
-    start = time.perf_counter()
-    target = load_target(cfg.target, seed=cfg.run.seed)
-    log.info("target loaded in %.1f s", time.perf_counter() - start)
-    draft_init = getattr(cfg.draft, "init", None)
-    if draft_init is not None:
-        draft_tokenizer = load_tokenizer(TargetConfig(path=draft_init), key="draft.init")
-        check_same_tokenizer(target.tokenizer, draft_tokenizer, target_name=cfg.target.path, draft_name=draft_init)
-        log.info("draft.init %s shares the target's tokenizer", draft_init)
-    prompt = target.tokenizer.apply_chat_template(
-        [{"role": "user", "content": SMOKE_QUESTION}], add_generation_prompt=True, return_tensors="pt"
-    )
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = target.model.generate(**prompt, max_new_tokens=48, do_sample=False)
-    new_tokens = output[0, prompt["input_ids"].shape[1] :]
-    seconds = time.perf_counter() - start
-    answer = target.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    print(f"target {cfg.target.path}\n  Q: {SMOKE_QUESTION}\n  A: {answer}")
-    print(f"  greedy, {len(new_tokens)} tokens in {seconds:.1f} s = {len(new_tokens) / seconds:.1f} tokens/s")
-
-
 def _main(prog: str, purpose: str, stage, argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(arg in ("-h", "--help") for arg in argv):
@@ -129,6 +100,8 @@ def _main(prog: str, purpose: str, stage, argv: list[str] | None) -> int:
         TemplateError,
         CacheError,
         PromptError,
+        TrainingDiverged,
+        DrafterLoadError,
     ) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -139,9 +112,32 @@ def _say_not_built(stage: str, issue: int) -> None:
     print(f"{stage} is not built yet (issue #{issue}); the recipe checked out and its config is saved.")
 
 
+def _print_reports(reports: dict[str, EvalReport], bench: str) -> None:
+    first = next(iter(reports.values()))
+    print(f"{bench}: {first.num_prompts} prompts, k={first.k}, {first.device}")
+    print(f"  autoregressive {first.ar_tokens_per_s:.1f} tokens/s")
+    for name, report in reports.items():
+        matches = (
+            ""
+            if report.greedy_matches_target is None
+            else f", output = target's greedy: {report.greedy_matches_target:.0%}"
+        )
+        print(
+            f"  {name:<10} tau {report.tau:.3f}  accepted per position "
+            + " ".join(f"{r:.2f}" for r in report.accept_rate_per_pos)
+            + f"  {report.tokens_per_s:.1f} tokens/s, speedup {report.speedup:.2f}x{matches}"
+        )
+
+
 def _train(cfg: SpecdecConfig) -> None:
-    _check_target(cfg)
-    _say_not_built("Training", 5)
+    result = train(cfg)
+    print(
+        f"trained {result.steps} steps on {result.train_tokens} tokens in {result.train_seconds / 60:.1f} min; "
+        f"drafter {result.drafter_dir}"
+    )
+    if result.reports:
+        _print_reports(result.reports, cfg.eval.bench)
+        print(f"  report {cfg.eval.out}, plot {Path(cfg.eval.out).with_suffix('.png')}")
 
 
 def _prep(cfg: SpecdecConfig) -> None:
@@ -175,58 +171,38 @@ def train_main(argv: list[str] | None = None) -> int:
     return _main("specdec-train", purpose, _train, argv)
 
 
-def eos_token_ids(target: Target) -> set[int]:
-    ids = {target.tokenizer.eos_token_id, *_as_list(target.model.generation_config.eos_token_id)}
-    return {i for i in ids if i is not None}
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
-
-
 def _eval(cfg: SpecdecConfig) -> None:
     if cfg.eval.drafter is None:
         raise RecipeError(
-            "eval.drafter: required; give a causal LM (directory or Hub id) that shares the target's tokenizer, "
-            "e.g. eval.drafter=path/to/small-model (drafters trained by specdec-train come with #5)."
+            "eval.drafter: required; give a drafter trained by specdec-train (run.dir/drafter) or a causal LM "
+            "(directory or Hub id) that shares the target's tokenizer, e.g. eval.drafter=runs/smollm2_eagle3/drafter."
         )
     target = load_target(cfg.target, seed=cfg.run.seed)
-    draft = load_target(TargetConfig(path=cfg.eval.drafter, dtype=cfg.target.dtype), key="eval.drafter")
-    check_same_tokenizer(target.tokenizer, draft.tokenizer, target_name=cfg.target.path, draft_name=cfg.eval.drafter)
     prompts = load_prompts(
         cfg.eval.bench, target.tokenizer, num_prompts=cfg.eval.num_prompts, chat_template=cfg.data.chat_template
     )
-    spec = SpecConfig(
-        k=cfg.eval.k,
-        tree_width=cfg.eval.tree_width,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        sampling=Sampling(cfg.eval.temperature, cfg.eval.top_p),
-    )
-    report = evaluate_drafter(
+    if is_eagle3_dir(cfg.eval.drafter):  # trained by specdec-train: compare with its untrained start
+        trained, layers = load_eagle3(cfg.eval.drafter, target.model)
+        untrained = new_eagle3(target.model, trained.d2t, trained.t2d, seed=cfg.run.seed).to(target.model.dtype)
+        drafters = {"trained": Eagle3Drafter(trained, layers), "untrained": Eagle3Drafter(untrained.eval(), layers)}
+    else:
+        draft = load_target(TargetConfig(path=cfg.eval.drafter, dtype=cfg.target.dtype), key="eval.drafter")
+        check_same_tokenizer(
+            target.tokenizer, draft.tokenizer, target_name=cfg.target.path, draft_name=cfg.eval.drafter
+        )
+        drafters = {"drafter": CausalLMDrafter(draft.model)}
+    reports = evaluate_drafters(
         target.model,
-        CausalLMDrafter(draft.model),
+        drafters,
         prompts,
-        cfg=spec,
+        cfg=spec_config(cfg),
         eos_token_ids=eos_token_ids(target),
         batch_size=cfg.eval.batch_size,
         seed=cfg.run.seed,
     )
     out = Path(cfg.eval.out)
-    report.write(out, title=f"{cfg.eval.bench}, k={cfg.eval.k}, tau {report.tau:.2f}")
-    matches = (
-        ""
-        if report.greedy_matches_target is None
-        else f", greedy output = target's: {report.greedy_matches_target:.0%}"
-    )
-    print(f"{cfg.eval.bench}: {report.num_prompts} prompts, {report.new_tokens} new tokens, {report.device}")
-    print(
-        f"  tau {report.tau:.3f}  accept rate {report.accept_rate:.3f}  per position "
-        + " ".join(f"{r:.2f}" for r in report.accept_rate_per_pos)
-    )
-    print(
-        f"  {report.tokens_per_s:.1f} tokens/s vs autoregressive {report.ar_tokens_per_s:.1f}: "
-        f"speedup {report.speedup:.2f}x{matches}"
-    )
+    write_reports(reports, out, title=f"{cfg.eval.bench}, k={cfg.eval.k}")
+    _print_reports(reports, cfg.eval.bench)
     print(f"  report {out}, plot {out.with_suffix('.png')}")
 
 

@@ -191,6 +191,7 @@ class EvalConfig:
     top_p: float = 1.0
     batch_size: int = 1  # prompts decoded together
     every_n_steps: int = 100  # eval hook period during training
+    hook_num_prompts: int = 8  # prompts the hook decodes: the bench's next ones after the num_prompts of the report
     out: str = "${run.dir}/eval.json"  # the report; the acceptance plot goes beside it as .png
 
 
@@ -210,6 +211,7 @@ class ExportConfig:
 class RunConfig:
     dir: str = MISSING  # everything of a run goes here: config.yaml, cache, logs, checkpoints
     seed: int = 0
+    checkpoint_every_n_steps: int = 100  # run.dir/checkpoints/last.ckpt, which a rerun with the same run.dir resumes
 
 
 @dataclass
@@ -263,6 +265,8 @@ _RANGES = [
     ("data.max_length", lambda v: v > 0, "a positive number of tokens"),
     ("data.regenerate_max_new_tokens", lambda v: v > 0, "a positive number of tokens"),
     ("data.regenerate_temperature", lambda v: v >= 0, "0 (greedy) or a positive temperature"),
+    ("data.regenerate_batch_size", lambda v: v > 0, "a positive number of conversations"),
+    ("data.max_turns", lambda v: v is None or v > 0, "null (every turn) or a positive number of turns"),
     ("cache.topk", lambda v: v >= 0, "0 (none) or a positive k"),
     ("cache.shard_tokens", lambda v: v > 0, "a positive number of tokens"),
     ("cache.batch_tokens", lambda v: v > 0, "a positive number of tokens"),
@@ -274,6 +278,8 @@ _RANGES = [
     ("eval.num_prompts", lambda v: v >= 1, "at least one prompt"),
     ("eval.temperature", lambda v: v >= 0, "0 (greedy) or a positive temperature"),
     ("eval.every_n_steps", lambda v: v >= 1, "at least 1"),
+    ("eval.hook_num_prompts", lambda v: v >= 1, "at least one prompt"),
+    ("run.checkpoint_every_n_steps", lambda v: v >= 1, "at least 1"),
     ("eval.tree_width", lambda v: v >= 1, "1 (a chain) or more"),
     ("eval.top_p", lambda v: 0 < v <= 1, "a probability in (0, 1]"),
     ("eval.batch_size", lambda v: v >= 1, "at least one prompt"),

@@ -13,14 +13,19 @@ stands for position t+k, attends to the step-0 keys at positions <= t and to its
 steps 1..k at position t. Parameter and buffer names follow the native EAGLE-3 checkpoint that
 SGLang and vLLM load (fc, midlayer.*, norm, lm_head, d2t, t2d); the embedding is the target's,
 frozen and not saved. Checked against SpecForge modeling/draft/llama3_eagle.py (a6b6b02).
-Its inference session (the engine's Drafter, registered as "eagle3") and its training loop are #5.
+`save_eagle3` / `load_eagle3` keep a trained drafter as that checkpoint (config.json and
+model.safetensors, the embedding left out); which engine reads which layer ids is the exporter's
+business (#10), so the directory names the target layers as HF `output_hidden_states` ids.
 """
 
+import json
 import math
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig
+from transformers import LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -30,6 +35,7 @@ from transformers.models.llama.modeling_llama import (
 
 from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal, register_drafter
+from specdec.eval.tree import DraftTree, ancestor_mask
 from specdec.eval.verify import Sampling, to_probs
 
 
@@ -112,7 +118,9 @@ class Eagle3Model(nn.Module):
         for step in range(steps):
             ids = torch.nn.functional.pad(next_ids[:, step:], (0, step))  # x_{t+1+step}
             cos, sin = self.rotary_emb(features, positions + step)
-            q, k, v = attention.project(layer.attention_input(self.embed_tokens(ids), features), cos, sin)
+            q, k, v = attention.project(
+                layer.attention_input(self.embed_tokens(ids).to(features.dtype), features), cos, sin
+            )
             keys.append(k)
             values.append(v)
             scores = (q @ keys[0].transpose(-1, -2)).float() * scale  # [B, nh, T, T]
@@ -128,13 +136,92 @@ class Eagle3Model(nn.Module):
         return torch.stack(logits, dim=1)
 
 
+EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"  # the class name SGLang loads (shared/reference/ecosystem.md 1a)
+_TARGET_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "max_position_embeddings",
+    "vocab_size",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+)
+
+
+def shared_keys(model: Eagle3Model) -> set[str]:
+    """Keys of the target's tensors that the drafter borrows: not saved, not loaded."""
+    return {f"embed_tokens.{name}" for name, _ in model.embed_tokens.named_parameters()}
+
+
+def save_eagle3(model: Eagle3Model, directory: str | Path, *, target_config: PretrainedConfig, target_layers) -> Path:
+    """A native EAGLE-3 directory: config.json and model.safetensors (float32, without the embedding)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {name: getattr(target_config, name) for name in _TARGET_FIELDS if hasattr(target_config, name)}
+    config.update(
+        architectures=[EAGLE3_ARCHITECTURE],
+        model_type="llama",
+        num_hidden_layers=1,
+        tie_word_embeddings=False,
+        draft_vocab_size=model.lm_head.out_features,
+        specdec_target_layers=list(target_layers),  # HF output_hidden_states ids: 0 = embeddings
+    )
+    (directory / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+    shared = shared_keys(model)
+    tensors = {
+        k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+        for k, v in model.state_dict().items()
+        if k not in shared
+    }
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
+class DrafterLoadError(ValueError):
+    pass
+
+
+def is_eagle3_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and EAGLE3_ARCHITECTURE in json.loads(config.read_text()).get("architectures", [])
+
+
+def load_eagle3(directory: str | Path, target: nn.Module) -> tuple[Eagle3Model, tuple[int, ...]]:
+    """The drafter saved by `save_eagle3`, sharing `target`'s embedding, in the target's dtype."""
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    draft = Eagle3Model(
+        target.config, draft_vocab_size=config["draft_vocab_size"], embed_tokens=target.get_input_embeddings()
+    )
+    state = load_file(str(directory / "model.safetensors"))
+    try:
+        missing, unexpected = draft.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that do not fit this target
+        missing, unexpected = [str(error).splitlines()[-1].strip()], []
+    missing = [key for key in missing if key not in shared_keys(draft)]
+    if missing or unexpected:
+        raise DrafterLoadError(
+            f"{directory / 'model.safetensors'}: not an EAGLE-3 drafter for this target "
+            f"(missing or misfit {missing[:4]}, unexpected {unexpected[:4]}). Give a drafter trained by "
+            "specdec-train for the same target.path."
+        )
+    dtype = target.get_input_embeddings().weight.dtype
+    return draft.to(dtype=dtype).eval(), tuple(config["specdec_target_layers"])
+
+
 @register_drafter("eagle3")
 class Eagle3Drafter:
     """The engine's session over an Eagle3Model. Its cache holds one entry per accepted position t,
     built from the target's features h_t and the next token x_{t+1}. A step first feeds the entries
     that became known (the features of the tokens accepted last step, paired with their successors,
-    the last with the pending token), then drafts on its own outputs; those own-feature entries are
-    dropped at commit, since the target's features replace them."""
+    the last with the pending token), then drafts on its own outputs, as a chain or as a tree;
+    those own-feature entries are dropped at commit, since the target's features replace them."""
 
     def __init__(self, model: Eagle3Model, target_layers: tuple[int, ...]) -> None:
         self.model = model.eval()
@@ -147,7 +234,7 @@ class Eagle3Drafter:
         # Queued entries: features of context positions, whose next tokens are the context shifted
         # by one and, for the last, the pending token (known at the first propose).
         empty = torch.zeros(batch, 0, len(self.target_layers), self.model.fc.out_features, device=device)
-        self.queue_hidden = target_hidden if target_hidden is not None else empty
+        self.queue_hidden = self._features_dtype(target_hidden) if target_hidden is not None else empty
         self.queue_tokens = input_ids[:, 1:]
         self.queue_mask = attention_mask
 
@@ -155,7 +242,7 @@ class Eagle3Drafter:
         """Append entries (features [B, n, H], tokens [B, n]) at positions valid + offsets; visible
         [B, n, S + n] says which cache entries and new entries each may see. Returns outputs o [B, n, H]."""
         layer, attention = self.model.midlayer, self.model.midlayer.self_attn
-        x = layer.attention_input(self.model.embed_tokens(tokens), features)
+        x = layer.attention_input(self.model.embed_tokens(tokens).to(features.dtype), features)
         positions = self.mask.sum(dim=1, keepdim=True) + offsets
         cos, sin = self.model.rotary_emb(features, positions)
         q, k, v = attention.project(x, cos, sin)
@@ -165,6 +252,9 @@ class Eagle3Drafter:
             q, self.keys, self.values, attn_mask=visible[:, None]
         )
         return layer.finish(features, attended.transpose(1, 2).flatten(2))
+
+    def _features_dtype(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.to(self.model.fc.weight.dtype)
 
     def _target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.model.d2t[draft_ids]
@@ -176,17 +266,13 @@ class Eagle3Drafter:
         ids = torch.arange(probs.shape[-1], device=probs.device)
         return full.index_copy(-1, ids + self.model.d2t, probs)
 
-    @torch.inference_mode()
-    def propose_chain(
-        self, pending: torch.Tensor, k: int, sampling: Sampling, generator: torch.Generator | None
-    ) -> ChainProposal:
-        batch = len(pending)
+    def _feed_queue(self, pending: torch.Tensor) -> torch.Tensor | None:
+        """Append the queued entries (the last one paired with the pending token); the output at
+        the last [B, 1, H], from which the first draft is read. None when nothing is queued."""
         queued = self.queue_mask.shape[1]
+        self.committed = self.mask.shape[1] + queued  # entries from here on are the draft's own, dropped at commit
         if queued == 0:  # a one-token prompt: no target features yet, so nothing to draft from
-            drafts = pending[:, None].expand(-1, k)
-            self.committed = self.mask.shape[1]
-            one_hot = None if sampling.greedy else torch.nn.functional.one_hot(drafts, len(self.model.t2d)).float()
-            return ChainProposal(drafts, one_hot)
+            return None
         tokens = torch.cat([self.queue_tokens, pending[:, None]], dim=1)  # the successor of each queued entry
         features = self.model.fc(self.queue_hidden.flatten(2))
         past = self.mask.bool()
@@ -197,11 +283,21 @@ class Eagle3Drafter:
         )
         visible = torch.cat([past[:, None, :].expand(-1, queued, -1), own], dim=2)
         visible |= torch.eye(queued + past.shape[1], dtype=torch.bool, device=pending.device)[past.shape[1] :][None]
-        offsets = kv.prefill_positions(self.queue_mask)
-        outputs = self._attend(features, tokens, offsets, visible)
+        outputs = self._attend(features, tokens, kv.prefill_positions(self.queue_mask), visible)
         self.mask = torch.cat([self.mask, self.queue_mask], dim=1)
-        self.committed = self.mask.shape[1]  # entries from here on are the draft's own, dropped at commit
-        feature, drafts, probs = outputs[:, -1:], [], []
+        return outputs[:, -1:]
+
+    @torch.inference_mode()
+    def propose_chain(
+        self, pending: torch.Tensor, k: int, sampling: Sampling, generator: torch.Generator | None
+    ) -> ChainProposal:
+        batch = len(pending)
+        feature = self._feed_queue(pending)
+        if feature is None:
+            drafts = pending[:, None].expand(-1, k)
+            one_hot = None if sampling.greedy else torch.nn.functional.one_hot(drafts, len(self.model.t2d)).float()
+            return ChainProposal(drafts, one_hot)
+        drafts, probs = [], []
         for step in range(k):
             logits = self.model.logits(feature)[:, -1]
             if sampling.greedy:
@@ -220,17 +316,41 @@ class Eagle3Drafter:
             )
         return ChainProposal(torch.stack(drafts, dim=1), torch.stack(probs, dim=1) if probs else None)
 
-    def propose_tree(self, pending: torch.Tensor, depth: int, width: int):
-        raise ValueError(
-            "eval.tree_width > 1: tree drafts from the EAGLE-3 drafter are not built yet (issue #5); "
-            "use chains, eval.tree_width=1."
-        )
+    @torch.inference_mode()
+    def propose_tree(self, pending: torch.Tensor, depth: int, width: int) -> DraftTree:
+        """EAGLE-2's expansion: each level keeps the `width` nodes of highest path log-probability;
+        a level is fed as `width` entries at one position, each seeing the cache, its ancestors and
+        itself, with its parent's output as features. The deepest level is not fed."""
+        batch, device = len(pending), pending.device
+        feature = self._feed_queue(pending)
+        if feature is None:  # nothing to draft from: a tree of repeats, as the chain does
+            tokens = pending[:, None].expand(-1, depth * width)
+            parents = torch.arange(-width, (depth - 1) * width, device=device).clamp(min=-1).expand(batch, -1)
+            return DraftTree(tokens, parents, depth=depth, width=width)
+        scores, draft_ids = torch.log_softmax(self.model.logits(feature)[:, -1].float(), dim=-1).topk(width, dim=-1)
+        all_tokens = [self._target_ids(draft_ids)]
+        all_parents = [torch.full((batch, width), -1, device=device)]
+        parent_features = feature.expand(-1, width, -1)
+        for level in range(1, depth):
+            tree = DraftTree(torch.cat(all_tokens, 1), torch.cat(all_parents, 1), depth=level, width=width)
+            visible = torch.cat(
+                [self.mask.bool()[:, None, :].expand(-1, width, -1), ancestor_mask(tree)[:, -width:, 1:]], dim=2
+            )
+            offsets = torch.full((batch, width), level - 1, device=device)
+            outputs = self._attend(parent_features, all_tokens[-1], offsets, visible)  # [B, W, H]
+            child_scores, child_ids = torch.log_softmax(self.model.logits(outputs).float(), -1).topk(width, dim=-1)
+            scores, best = (scores[:, :, None] + child_scores).flatten(1).topk(width, dim=-1)
+            all_tokens.append(self._target_ids(child_ids.flatten(1).gather(1, best)))
+            all_parents.append((level - 1) * width + best // width)
+            parent_features = outputs.gather(1, (best // width)[..., None].expand(-1, -1, outputs.shape[-1]))
+        return DraftTree(torch.cat(all_tokens, 1), torch.cat(all_parents, 1), depth=depth, width=width)
 
     def commit(self, block: torch.Tensor, kept: list[list[int]], target_hidden: torch.Tensor | None) -> None:
         # Drop the draft's own entries; queue the target's features of the accepted tokens.
         if self.keys is not None:
             self.keys, self.values = self.keys[:, :, : self.committed], self.values[:, :, : self.committed]
         batch, longest = len(kept), max(len(offsets) for offsets in kept)
+        target_hidden = self._features_dtype(target_hidden)
         self.queue_hidden = target_hidden.new_zeros(batch, longest, *target_hidden.shape[2:])
         self.queue_tokens = block.new_zeros(batch, longest - 1)
         self.queue_mask = self.mask.new_zeros(batch, longest)

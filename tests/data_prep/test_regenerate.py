@@ -66,7 +66,7 @@ def test_a_killed_run_resumes_from_its_chunks_and_sampling_repeats(
     assert _regenerate(tiny_target, tmp_path / "resumed", temperature=1.0) == whole
 
 
-def test_prep_caches_the_regenerated_answers_and_reuses_them_for_another_max_length(
+def test_prep_caches_the_regenerated_answers_and_reuses_them_for_other_layers(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
@@ -79,15 +79,35 @@ def test_prep_caches_the_regenerated_answers_and_reuses_them_for_another_max_len
     target_cfg = TargetConfig(path=str(tiny_llama_dir))
     target = load_target(target_cfg)
 
-    def prep(max_length: int, overwrite: bool = False):
-        data = DataConfig(path=str(source), regenerate=True, regenerate_max_new_tokens=3, max_length=max_length)
+    def prep(layers: list[int], overwrite: bool = False):
+        data = DataConfig(path=str(source), regenerate=True, regenerate_max_new_tokens=3, max_length=64)
         cache = CacheConfig(dir=str(tmp_path / "cache"), overwrite=overwrite)
-        return prepare_cache(target, target_cfg=target_cfg, data_cfg=data, cache_cfg=cache, layers=[2], progress=False)
+        return prepare_cache(
+            target, target_cfg=target_cfg, data_cfg=data, cache_cfg=cache, layers=layers, progress=False
+        )
 
-    prep(max_length=64)
+    prep(layers=[2])
     first = HiddenStateCache(tmp_path / "cache")[0]["input_ids"].tolist()
     (answers_dir,) = (tmp_path / "cache").glob("regenerated-*")
     monkeypatch.setattr(regenerate_module, "_generate", lambda *a, **k: pytest.fail("answers must be reused"))
-    prep(max_length=48, overwrite=True)
-    assert HiddenStateCache(tmp_path / "cache")[0]["input_ids"].tolist() == first[:48]
+    prep(layers=[1], overwrite=True)
+    rebuilt = HiddenStateCache(tmp_path / "cache")
+    assert rebuilt.layers == [1] and rebuilt[0]["input_ids"].tolist() == first
     assert list((tmp_path / "cache").glob("regenerated-*")) == [answers_dir]
+
+
+def test_answers_after_a_prompt_of_max_length_tokens_are_left_as_they_are(tiny_llama_dir: Path) -> None:
+    target = load_target(TargetConfig(path=str(tiny_llama_dir)))
+    long_question = Conversation("long", (Turn("user", " ".join(["w1"] * 40)), Turn("assistant", "w2 w3")))
+    rewritten = regenerate_module._regenerate_chunk(
+        target,
+        [CONVERSATIONS[0], long_question],
+        chat_template=None,
+        max_prompt_tokens=16,
+        progress_bar=type("Bar", (), {"update": lambda self, n: None})(),
+        max_new_tokens=3,
+        temperature=0.0,
+        batch_size=8,
+    )
+    assert rewritten[1] == long_question  # it would be cut from the sample anyway
+    assert rewritten[0] != CONVERSATIONS[0]

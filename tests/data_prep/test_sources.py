@@ -124,3 +124,18 @@ def test_the_sharegpt_wheel_is_cut_after_17671_records() -> None:
         read_conversations(DataConfig(path=path))
     data = read_conversations(DataConfig(path=path, allow_truncated=True))
     assert len(data.conversations) == 17671 and data.conversations[0].id == "QWJhYvA_0"
+
+
+def test_max_turns_keeps_the_system_prompt_and_the_first_turns_from_the_first_question(tmp_path: Path) -> None:
+    row = {
+        "id": "long",
+        "conversations": [
+            {"from": "gpt", "value": "...continued"},  # an orphan answer from a split record
+            {"from": "system", "value": "Be brief"},
+            *[{"from": "human" if i % 2 == 0 else "gpt", "value": f"turn {i}"} for i in range(5)],
+        ],
+    }
+    path = str(_write_json(tmp_path / "s.json", [row]))
+    kept = read_conversations(DataConfig(path=path, max_turns=2)).conversations[0].turns
+    assert kept == (Turn("system", "Be brief"), Turn("user", "turn 0"), Turn("assistant", "turn 1"))
+    assert len(read_conversations(DataConfig(path=path)).conversations[0].turns) == 7

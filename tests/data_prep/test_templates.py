@@ -109,3 +109,10 @@ def test_a_template_that_rewrites_history_is_refused(smollm2_tokenizer) -> None:
     )
     with pytest.raises(TemplateError, match="renders the conversation up to this answer differently"):
         tokenize_conversation(smollm2_tokenizer, CASES["multi_turn_system"], max_length=4096, chat_template=rewriting)
+
+
+def test_a_record_of_answers_only_gives_an_empty_sample(smollm2_tokenizer) -> None:
+    # ShareGPT has records that are one answer, continued from the previous record.
+    conversation = Conversation("answers-only", (Turn("assistant", "...and that is all."),))
+    sample = tokenize_conversation(smollm2_tokenizer, conversation, max_length=64)
+    assert len(sample.input_ids) == 0 and not sample.loss_mask.any()  # prepare_cache counts it as dropped

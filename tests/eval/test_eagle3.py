@@ -2,6 +2,7 @@
 K steps one at a time with a cache holding the step-0 keys of positions <= t (target features) and
 the draft's own keys, feeding its output back as the next step's features."""
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -126,10 +127,11 @@ def test_the_session_drafts_what_the_training_unroll_computes() -> None:
     assert proposal.probs[0][:, ~head.t2d].abs().max() == 0  # nothing outside the draft vocabulary
 
 
-def test_greedy_output_with_an_eagle3_head_is_the_targets_own() -> None:
+@pytest.mark.parametrize("tree_width", [1, 3], ids=["chain", "tree"])
+def test_greedy_output_with_an_eagle3_head_is_the_targets_own(tree_width: int) -> None:
     prompts = [[1, 5, 7, 9, 11], [1, 3], [1, 20, 21, 22, 23, 24, 25, 30], [4]]
     reference = [hf_greedy(TARGET, prompt, 32) for prompt in prompts]
-    cfg = SpecConfig(k=3, max_new_tokens=32)
+    cfg = SpecConfig(k=3, tree_width=tree_width, max_new_tokens=32)
     single = [
         generate(TARGET, [p], drafter=Eagle3Drafter(_head(32), LAYERS), cfg=cfg, eos_token_ids=set()) for p in prompts
     ]
@@ -164,3 +166,55 @@ def test_sampled_output_with_an_eagle3_head_follows_the_target_distribution() ->
         for a, b in (tokens[:2] for tokens in result.new_tokens):
             counts[a * 6 + b] += 1
     assert chi_square_p_value(counts, _exact_law()) > ALPHA
+
+
+def test_a_tree_of_width_one_is_the_greedy_chain() -> None:
+    prompt = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        hidden = TARGET(prompt[:, :-1], output_hidden_states=True).hidden_states
+    target_hidden = torch.stack([hidden[i] for i in LAYERS], dim=2)
+    proposals = []
+    for tree in (False, True):
+        session = Eagle3Drafter(_head(32), LAYERS)
+        session.begin(prompt[:, :-1], torch.ones_like(prompt[:, :-1]), target_hidden)
+        if tree:
+            drafted = session.propose_tree(prompt[:, -1], depth=4, width=1)
+            assert drafted.parents.tolist() == [[-1, 0, 1, 2]]
+            proposals.append(drafted.tokens)
+        else:
+            proposals.append(session.propose_chain(prompt[:, -1], 4, Sampling(), None).tokens)
+    assert proposals[0].tolist() == proposals[1].tolist()
+
+
+def test_tree_drafts_children_are_the_top_tokens_under_their_parent() -> None:
+    """Level 2 of a width-2 tree: the children kept are the best two by path log-probability among
+    the children of both level-1 nodes, each scored by the session's chain drafting along that path."""
+    prompt = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        hidden = TARGET(prompt[:, :-1], output_hidden_states=True).hidden_states
+    target_hidden = torch.stack([hidden[i] for i in LAYERS], dim=2)
+    head = _head(32)
+
+    def session():
+        drafter = Eagle3Drafter(head, LAYERS)
+        drafter.begin(prompt[:, :-1], torch.ones_like(prompt[:, :-1]), target_hidden)
+        return drafter
+
+    tree = session().propose_tree(prompt[:, -1], depth=2, width=2)
+    first = session().propose_chain(prompt[:, -1], 1, Sampling(temperature=1.0), None).probs[0, 0]
+    candidates = []
+    for node in range(2):
+        token = tree.tokens[0, node]
+        # the chain with this level-1 token forced: feed it and read the next distribution
+        drafter = session()
+        feature = drafter._feed_queue(prompt[:, -1])
+        visible = torch.cat([drafter.mask.bool(), torch.ones(1, 1, dtype=torch.bool)], 1)
+        with torch.no_grad():
+            output = drafter._attend(feature, token.view(1, 1), torch.zeros(1, 1, dtype=torch.long), visible[:, None])
+            second = drafter._target_probs(head.logits(output)[:, -1], Sampling(temperature=1.0))[0]
+        for child in second.nonzero()[:, 0]:
+            candidates.append((float(first[token].log() + second[child].log()), node, int(child)))
+    best = sorted(candidates, reverse=True)[:2]
+    assert [(parent, child) for _, parent, child in best] == list(
+        zip(tree.parents[0, 2:].tolist(), tree.tokens[0, 2:].tolist(), strict=True)
+    )

@@ -59,11 +59,32 @@ def test_config_goes_to_run_dir_and_hydra_leaves_cwd_alone(
     assert "not built yet (issue #10)" in capsys.readouterr().out
 
 
-def test_train_loads_the_target_and_lets_it_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_on_the_tiny_recipe_runs_the_whole_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """recipe=tiny: cache, 8 steps with the eval hook, checkpoints, the drafter, the final report."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     assert cli.train_main(["recipe=tiny", f"run.dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert "Q: In one sentence, what does a compiler do?" in out
-    assert "greedy, 48 tokens in" in out  # random weights never emit EOS within 48 tokens here
+    assert "trained 8 steps on " in out and "trained    tau " in out and "untrained  tau " in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report) == {"trained", "untrained"}
+    assert report["trained"]["greedy_matches_target"] == 1.0 and report["trained"]["k"] == 4
+    assert report["trained"]["ar_tokens_per_s"] == report["untrained"]["ar_tokens_per_s"]  # one shared baseline
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "drafter").iterdir()) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    events = EventAccumulator(str(tmp_path / "logs")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ttt", "train/sim_tau", "train/acc_step_0", "lr", "eval/tau"} <= tags
+    assert [event.step for event in events.Scalars("eval/tau")] == [4, 8]  # eval.every_n_steps=4
+
+    # specdec-eval reads the saved drafter back, here drafting trees
+    argv = ["recipe=tiny", f"run.dir={tmp_path}", f"eval.drafter={tmp_path}/drafter", "eval.tree_width=2"]
+    assert cli.eval_main([*argv, f"eval.out={tmp_path}/trees.json"]) == 0
+    trees = json.loads((tmp_path / "trees.json").read_text())
+    assert trees["trained"]["tree_width"] == 2 and trees["trained"]["greedy_matches_target"] == 1.0
 
 
 def test_a_target_path_that_does_not_exist_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -85,13 +106,13 @@ def test_prep_on_the_tiny_recipe_builds_a_cache_from_sharegpt(tmp_path: Path, ca
     assert cli.prep_main(argv) == 0
     out = capsys.readouterr().out
     assert f"cache {tmp_path}/cache (complete)" in out
-    assert "layers [1, 2, 3]" in out
+    assert "layers [1, 2, 3, 4]" in out
     per_token = int(out.split(" bytes per token (bf16)")[0].rsplit(" ", 1)[1])
-    assert 3 * 64 * 2 + 5 <= per_token < 1.1 * (3 * 64 * 2 + 5)  # 3 layers x hidden 64 in bf16, id, mask, headers
+    assert 4 * 64 * 2 + 5 <= per_token < 1.1 * (4 * 64 * 2 + 5)  # 4 layers x hidden 64 in bf16, id, mask, headers
     from specdec.data_prep import HiddenStateCache
 
     cache = HiddenStateCache(tmp_path / "cache")
-    assert cache.layers == [1, 2, 3] and cache[0]["hidden"].shape[1:] == (3, 64)
+    assert cache.layers == [1, 2, 3, 4] and cache[0]["hidden"].shape[1:] == (4, 64)
 
 
 @pytest.mark.slow
@@ -138,7 +159,7 @@ def test_eval_writes_the_report_and_the_plot(
         "eval.k=3",
     ]
     assert cli.eval_main(argv) == 0
-    report = json.loads((tmp_path / "eval.json").read_text())
+    report = json.loads((tmp_path / "eval.json").read_text())["drafter"]
     assert report["num_prompts"] == 3 and report["k"] == 3 and report["greedy_matches_target"] == 1.0
     assert 1.0 <= report["tau"] <= 4.0 and len(report["accept_rate_per_pos"]) == 3
     assert report["speedup"] == pytest.approx(report["tokens_per_s"] / report["ar_tokens_per_s"])

@@ -1,0 +1,230 @@
+"""The training step: the teacher's alignment against a slow loop, online == offline, the batches,
+resume after a kill, and the NaN stop."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specdec.data_prep import HiddenStateCache, Sample, load_target
+from specdec.eval.drafters.eagle3 import load_eagle3, save_eagle3
+from specdec.trainer import cli
+from specdec.trainer.config import compose_recipe
+from specdec.trainer.data import CachedSamples, LengthBucketBatches, TokenSamples, collate
+from specdec.trainer.module import DrafterModule
+from specdec.trainer.train import build_draft, target_layers, training_set
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny recipe's target, a cache of 8 ShareGPT samples, and a module over it."""
+    run_dir = tmp_path_factory.mktemp("tiny")
+    cfg = compose_recipe("tiny", [f"run.dir={run_dir}", "data.max_samples=8", "data.max_length=64"])
+    target = load_target(cfg.target, seed=cfg.run.seed)
+    layers = target_layers(cfg, target)
+    cached = training_set(cfg, target, layers, progress=False)
+    draft = build_draft(cfg, target, cached)
+    module = DrafterModule(
+        draft,
+        objectives=cfg.objective,
+        optim=cfg.optim,
+        steps=3,
+        lm_head=target.model.get_output_embeddings().weight,
+        target=target.model,
+        layers=layers,
+    )
+    return cfg, target, layers, cached, module
+
+
+def test_the_teacher_is_the_targets_distribution_at_t_plus_k_plus_1(tiny_run) -> None:
+    _, target, _, cached, module = tiny_run
+    batch = collate([cached[0], cached[1]])
+    final = batch["hidden"][:, :, -1].float()
+    probs, mask = module.teacher(batch["hidden"][:, :, -1], batch["loss_mask"])
+    head = target.model.get_output_embeddings().weight.float()
+    draft_ids = torch.arange(len(module.draft.d2t)) + module.draft.d2t
+    lengths = batch["attention_mask"].sum(dim=1)
+    for b in range(2):
+        for k in range(module.steps):
+            for t in range(batch["input_ids"].shape[1]):
+                source = t + k + 1  # the target's logits here predict token t + k + 2
+                if source >= lengths[b]:
+                    assert not mask[b, k, t]
+                    continue
+                logits = final[b, source] @ head.T
+                expected = torch.softmax(logits[draft_ids], dim=-1)
+                torch.testing.assert_close(probs[b, k, t], expected, atol=1e-5, rtol=1e-4)
+                predicted_is_learned = source + 1 < lengths[b] and batch["loss_mask"][b, source + 1]
+                in_vocab = module.draft.t2d[logits.argmax()]
+                assert mask[b, k, t] == (predicted_is_learned and in_vocab)
+
+
+def test_online_and_offline_give_the_same_loss(tiny_run) -> None:
+    *_, cached, module = tiny_run
+    tokens = [cached.cache.tokens(i) for i in range(len(cached))]
+    online = TokenSamples(
+        [Sample(str(i), t["input_ids"].int().numpy(), t["loss_mask"].numpy()) for i, t in enumerate(tokens)]
+    )
+    indices = [0, 2, 4]
+    offline_batch = collate([cached[i] for i in indices])
+    online_batch = collate([online[i] for i in indices])
+    assert "hidden" not in online_batch
+    torch.testing.assert_close(online_batch["input_ids"], offline_batch["input_ids"])
+    torch.testing.assert_close(module.target_hidden(online_batch), offline_batch["hidden"], atol=0.05, rtol=0.02)
+    offline_loss, _ = module.forward_batch(offline_batch)
+    online_loss, _ = module.forward_batch(online_batch)
+    assert offline_loss.item() > 0
+    torch.testing.assert_close(online_loss, offline_loss, rtol=2e-3, atol=1e-4)
+
+
+def test_masked_positions_get_no_gradient_and_the_loss_reaches_the_drafter(tiny_run) -> None:
+    _, _, _, cached, module = tiny_run
+    module.zero_grad()
+    loss, _ = module.forward_batch(collate([cached[2], cached[4]]))
+    loss.backward()
+    trained = [p for p in module.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    assert module.draft.embed_tokens.weight.grad is None  # the target's embedding stays frozen
+    module.zero_grad()
+
+
+def test_the_batches_of_an_epoch_cover_every_sample_once_and_depend_on_the_epoch() -> None:
+    lengths = [5, 50, 7, 30, 9, 12, 40, 3, 22, 18, 11]
+    batches = LengthBucketBatches(lengths, 2, seed=1, bucket=2)
+    first = list(batches)
+    assert len(first) == len(batches) == 5 and all(len(b) == 2 for b in first)
+    assert len({i for b in first for i in b}) == 10  # one sample of 11 left out, none twice
+    assert first == list(batches)  # a function of (seed, epoch)
+    batches.set_epoch(1)
+    assert list(batches) != first
+    ranks = [LengthBucketBatches(lengths, 2, seed=1, rank=r, world=2) for r in range(2)]
+    per_rank = [list(r) for r in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    assert not {i for b in per_rank[0] for i in b} & {i for b in per_rank[1] for i in b}
+
+
+def test_a_restart_skips_the_batches_already_trained_on() -> None:
+    lengths = list(range(1, 21))
+    batches = LengthBucketBatches(lengths, 2, seed=0)
+    epoch_1 = batches.epoch_batches(1)
+    batches.set_epoch(1)
+    batches.resume_from = len(batches) + 3  # one full epoch and three batches of the next
+    assert list(batches) == epoch_1[3:]
+    assert list(batches) == epoch_1  # the skip applies to the first epoch after the restart only
+
+
+def test_too_few_samples_for_one_batch_per_rank_is_refused() -> None:
+    with pytest.raises(ValueError, match="3 samples cannot fill one batch of 2 on each of 2 ranks"):
+        LengthBucketBatches([4, 5, 6], 2, seed=0, world=2)
+
+
+def test_a_saved_drafter_loads_with_the_same_outputs(tiny_run, tmp_path: Path) -> None:
+    _, target, layers, cached, module = tiny_run
+    directory = save_eagle3(module.draft, tmp_path, target_config=target.model.config, target_layers=layers[:-1])
+    assert not any(key.startswith("embed_tokens") for key in load_file(directory / "model.safetensors"))
+    loaded, loaded_layers = load_eagle3(directory, target.model)
+    assert loaded_layers == tuple(layers[:-1])
+    batch = collate([cached[1]])
+    inputs = {
+        "target_hidden": batch["hidden"][:, :, :-1].float(),
+        "next_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "steps": 2,
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unroll(**inputs), module.draft.unroll(**inputs))
+
+
+def test_the_cache_gives_lengths_and_tokens_without_hidden_states(tiny_run) -> None:
+    cfg, *_ = tiny_run
+    cache = HiddenStateCache(cfg.cache.dir)
+    assert cache.lengths() == [len(cache[i]["input_ids"]) for i in range(len(cache))]
+    assert set(cache.tokens(0)) == {"input_ids", "loss_mask"}
+    assert isinstance(CachedSamples(cache)[0]["index"], int)
+
+
+# ---- whole runs ----
+
+_KILLED_RUN = """
+import os, signal, sys
+import lightning as L
+from specdec.trainer.config import compose_recipe
+from specdec.trainer.train import train
+
+class KillAfter(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
+
+cfg = compose_recipe("tiny", [f"run.dir={sys.argv[1]}", *sys.argv[3:]])
+train(cfg, callbacks=[KillAfter()], progress=False)
+"""
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 8
+    optimizer = checkpoint["optimizer_states"][0]["state"]
+    return {**checkpoint["state_dict"], **{f"adam.{i}.{k}": v for i, s in optimizer.items() for k, v in s.items()}}
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    overrides = ["run.checkpoint_every_n_steps=2", "trainer.max_steps=8", "data.max_samples=12"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert cli.train_main(["recipe=tiny", f"run.dir={whole}", *overrides]) == 0
+    # SIGKILL after step 5: the last checkpoint is step 4, so step 5 is trained again after the restart
+    result = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(killed), "5", *overrides], check=False)
+    assert result.returncode == -signal.SIGKILL
+    state = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and not (killed / "drafter").exists()
+    assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written file
+    assert cli.train_main(["recipe=tiny", f"run.dir={killed}", *overrides]) == 0
+    expected, found = _final_weights(whole), _final_weights(killed)
+    assert expected.keys() == found.keys()
+    for key in expected:
+        torch.testing.assert_close(found[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from specdec.trainer.objectives import OBJECTIVE_FUNCTIONS, ObjectiveOutput
+
+    ttt = OBJECTIVE_FUNCTIONS["ttt"]
+    calls = []
+
+    def poisoned(**inputs):
+        calls.append(1)
+        output = ttt(**inputs)
+        return ObjectiveOutput(output.loss * float("nan"), output.metrics) if len(calls) == 3 else output
+
+    monkeypatch.setitem(OBJECTIVE_FUNCTIONS, "ttt", poisoned)
+    assert cli.train_main(["recipe=tiny", f"run.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "specdec-train: loss nan at global step 2, batch 2 of epoch 0 (samples [" in err
+    assert "training stopped" in err and "Traceback" not in err
+
+
+def test_a_drafter_for_another_target_is_refused_with_its_file_named(tiny_run, tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    from specdec.eval.drafters.eagle3 import DrafterLoadError, Eagle3Model
+
+    _, target, *_ = tiny_run
+    other = LlamaConfig(
+        vocab_size=target.model.config.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    draft = Eagle3Model(other, draft_vocab_size=16, embed_tokens=torch.nn.Embedding(other.vocab_size, 32))
+    directory = save_eagle3(draft, tmp_path, target_config=other, target_layers=[1, 2, 3])
+    with pytest.raises(DrafterLoadError, match="model.safetensors: not an EAGLE-3 drafter for this target"):
+        load_eagle3(directory, target.model)

@@ -1,0 +1,150 @@
+"""Training batches: samples from the hidden-state cache (offline) or token ids for a target that
+runs in the loop (online), in length-bucketed batches whose order is a function of (seed, epoch).
+
+A batch is a dict of
+    index           [B]          sample ids (the cache's order, which is the source's)
+    input_ids       [B, T]       int64, right-padded
+    loss_mask       [B, T]       bool, True on assistant tokens
+    attention_mask  [B, T]       int64, 1 on real tokens
+    hidden          [B, T, L, H] bfloat16, the cached target layers (offline only; online the
+                                 module computes the same field from the target)
+Resuming needs no sampler state: the batches of an epoch are fixed by (seed, epoch), and the
+first epoch after a restart skips the batches the restored global step has already trained on.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from specdec.data_prep import HiddenStateCache, Sample
+
+
+class CachedSamples(Dataset):
+    def __init__(self, cache: HiddenStateCache) -> None:
+        self.cache = cache
+        self.lengths = cache.lengths()
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"index": index, **self.cache[index]}
+
+    def token_samples(self) -> Iterator[dict[str, torch.Tensor]]:
+        """input_ids and loss_mask of every sample, without reading the hidden states."""
+        for index in range(len(self.cache)):
+            yield self.cache.tokens(index)
+
+
+class TokenSamples(Dataset):
+    """Tokenized conversations for online training; the target adds `hidden` in the module."""
+
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = samples
+        self.lengths = [len(sample.input_ids) for sample in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        return {
+            "index": index,
+            "input_ids": torch.from_numpy(sample.input_ids.astype(np.int64)),
+            "loss_mask": torch.from_numpy(sample.loss_mask),
+        }
+
+    def token_samples(self) -> Iterator[dict[str, torch.Tensor]]:
+        for index in range(len(self)):
+            yield self[index]
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    longest = max(len(item["input_ids"]) for item in items)
+    batch = {
+        "index": torch.tensor([item["index"] for item in items]),
+        "input_ids": torch.zeros(len(items), longest, dtype=torch.long),
+        "loss_mask": torch.zeros(len(items), longest, dtype=torch.bool),
+        "attention_mask": torch.zeros(len(items), longest, dtype=torch.long),
+    }
+    if "hidden" in items[0]:
+        batch["hidden"] = items[0]["hidden"].new_zeros(len(items), longest, *items[0]["hidden"].shape[1:])
+    for row, item in enumerate(items):
+        length = len(item["input_ids"])
+        batch["input_ids"][row, :length] = item["input_ids"]
+        batch["loss_mask"][row, :length] = item["loss_mask"]
+        batch["attention_mask"][row, :length] = 1
+        if "hidden" in batch:
+            batch["hidden"][row, :length] = item["hidden"]
+    return batch
+
+
+class LengthBucketBatches(Sampler[list[int]]):
+    """One rank's batches of an epoch: a permutation seeded by (seed, epoch), cut into buckets of
+    `bucket` batches whose samples are sorted by length (less padding), then the batches in a
+    seeded order. Every rank gets the same number of batches; the last incomplete one is dropped."""
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, *, seed: int, rank: int = 0, world: int = 1, bucket: int = 32
+    ) -> None:
+        if len(lengths) < batch_size * world:
+            raise ValueError(
+                f"{len(lengths)} samples cannot fill one batch of {batch_size} on each of {world} ranks; "
+                "lower data.batch_size or give more data (data.max_samples)."
+            )
+        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
+        self.rank, self.world, self.bucket = rank, world, bucket
+        self.epoch = 0
+        self.resume_from = 0  # batches of this rank already trained, counted from epoch 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size // self.world
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        generator = np.random.default_rng([self.seed, epoch])
+        order = generator.permutation(len(self.lengths))
+        span = self.batch_size * self.bucket
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = order[start : start + span]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        batches = [batch for batch in batches if len(batch) == self.batch_size]
+        batches = [batches[i] for i in generator.permutation(len(batches))]
+        return batches[: len(self) * self.world][self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip = min(max(self.resume_from - self.epoch * len(self), 0), len(self))
+        self.resume_from = 0
+        yield from self.epoch_batches(self.epoch)[skip:]
+
+
+class DrafterData(L.LightningDataModule):
+    """The training set as Lightning sees it; `dataset` is CachedSamples or TokenSamples."""
+
+    def __init__(self, dataset: CachedSamples | TokenSamples, *, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        batches = LengthBucketBatches(
+            self.dataset.lengths,
+            self.batch_size,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world=trainer.world_size if trainer else 1,
+        )
+        if trainer is not None:  # after a restart: the batches behind the restored step were trained on
+            batches.resume_from = trainer.global_step * trainer.accumulate_grad_batches
+        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate)
+
+    def steps_per_epoch(self, world: int, accumulate: int) -> int:
+        return math.ceil(len(self.dataset) // self.batch_size // world / accumulate)
