@@ -12,7 +12,6 @@ Resuming needs no sampler state: the batches of an epoch are fixed by (seed, epo
 first epoch after a restart skips the batches the restored global step has already trained on.
 """
 
-import math
 from collections.abc import Iterator, Sequence
 
 import lightning as L
@@ -145,6 +144,3 @@ class DrafterData(L.LightningDataModule):
         if trainer is not None:  # after a restart: the batches behind the restored step were trained on
             batches.resume_from = trainer.global_step * trainer.accumulate_grad_batches
         return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate)
-
-    def steps_per_epoch(self, world: int, accumulate: int) -> int:
-        return math.ceil(len(self.dataset) // self.batch_size // world / accumulate)

@@ -167,6 +167,7 @@ def train(
     dataset = training_set(cfg, target, layers, progress)
     draft = build_draft(cfg, target, dataset)
     untrained = _drafter_dtype(draft, target)
+    # unrolled draft steps: the training-time test's own count, else the chain length served
     steps = cfg.objective["ttt"].steps if "ttt" in cfg.objective else cfg.eval.k
     module = DrafterModule(
         draft,
