@@ -17,7 +17,7 @@ from specdec.eval.drafters.eagle3 import Eagle3Drafter, load_eagle3
 from specdec.eval.evaluate import evaluate_drafters, write_reports
 from specdec.eval.prompts import load_prompts
 from specdec.trainer.config import compose_recipe
-from specdec.trainer.train import eos_token_ids, new_eagle3, spec_config, train
+from specdec.trainer.train import eos_token_ids, spec_config, train, untrained_like
 
 # name -> overrides of the recipe's `objective` group
 ABLATION = {
@@ -56,7 +56,7 @@ def main() -> None:
     for name in ABLATION:
         model, layers = load_eagle3(Path(args.runs) / name / "drafter", target.model)
         drafters[name] = Eagle3Drafter(model, layers)
-    untrained = new_eagle3(target.model, model.d2t, model.t2d, seed=cfg.run.seed).to(target.model.dtype).eval()
+    untrained = untrained_like(model, target.model, seed=cfg.run.seed)
     drafters["untrained"] = Eagle3Drafter(untrained, layers)
     prompts = load_prompts(cfg.eval.bench, target.tokenizer, num_prompts=args.prompts)
     reports = evaluate_drafters(

@@ -33,7 +33,7 @@ from specdec.trainer.config import (
     to_yaml,
 )
 from specdec.trainer.module import TrainingDiverged
-from specdec.trainer.train import eos_token_ids, new_eagle3, spec_config, train
+from specdec.trainer.train import eos_token_ids, spec_config, train, untrained_like
 
 log = logging.getLogger("specdec")
 
@@ -183,8 +183,8 @@ def _eval(cfg: SpecdecConfig) -> None:
     )
     if is_eagle3_dir(cfg.eval.drafter):  # trained by specdec-train: compare with its untrained start
         trained, layers = load_eagle3(cfg.eval.drafter, target.model)
-        untrained = new_eagle3(target.model, trained.d2t, trained.t2d, seed=cfg.run.seed).to(target.model.dtype)
-        drafters = {"trained": Eagle3Drafter(trained, layers), "untrained": Eagle3Drafter(untrained.eval(), layers)}
+        untrained = untrained_like(trained, target.model, seed=cfg.run.seed)
+        drafters = {"trained": Eagle3Drafter(trained, layers), "untrained": Eagle3Drafter(untrained, layers)}
     else:
         draft = load_target(TargetConfig(path=cfg.eval.drafter, dtype=cfg.target.dtype), key="eval.drafter")
         check_same_tokenizer(

@@ -10,7 +10,6 @@ measures the trained drafter and its untrained start against plain decoding, in 
     run.dir/eval.json, eval.png    the final report (eval.out)
 """
 
-import copy
 import logging
 import os
 import time
@@ -142,9 +141,10 @@ def new_eagle3(target: PreTrainedModel, d2t: torch.Tensor, t2d: torch.Tensor, *,
     return draft  # float32 (the default dtype); the shared embedding stays in the target's dtype
 
 
-def _drafter_dtype(draft: Eagle3Model, target: Target) -> Eagle3Model:
-    """A copy of the drafter for serving, in the target's dtype (the shared embedding already is)."""
-    return copy.deepcopy(draft).to(dtype=target.model.dtype).eval()
+def untrained_like(draft: Eagle3Model, target: PreTrainedModel, *, seed: int) -> Eagle3Model:
+    """The start of a drafter trained with `seed` (same vocabulary, same init), in the target's dtype:
+    the baseline every report measures beside the trained drafter."""
+    return new_eagle3(target, draft.d2t, draft.t2d, seed=seed).to(target.dtype).eval()
 
 
 def train(
@@ -166,7 +166,7 @@ def train(
     layers = target_layers(cfg, target)
     dataset = training_set(cfg, target, layers, progress)
     draft = build_draft(cfg, target, dataset)
-    untrained = _drafter_dtype(draft, target)
+    untrained = untrained_like(draft, target.model, seed=cfg.run.seed)
     # unrolled draft steps: the training-time test's own count, else the chain length served
     steps = cfg.objective["ttt"].steps if "ttt" in cfg.objective else cfg.eval.k
     module = DrafterModule(
