@@ -51,7 +51,7 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _batched(
+def decode_prompts(
     target: PreTrainedModel,
     prompts: list[Prompt],
     *,
@@ -63,6 +63,7 @@ def _batched(
     desc: str,
     progress: bool,
 ) -> Generation:
+    """The prompts decoded `batch_size` at a time, as they are served; one Generation for all."""
     tokens, accepted, seconds = [], [], 0.0
     generator = torch.Generator(device=target.device).manual_seed(seed)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
@@ -90,11 +91,11 @@ def evaluate_drafters(
     warm = SpecConfig(k=cfg.k, tree_width=cfg.tree_width, max_new_tokens=4, sampling=cfg.sampling)
     for drafter in drafters.values():
         generate(target, [prompts[0].token_ids], drafter=drafter, cfg=warm, eos_token_ids=eos_token_ids)
-    baseline = _batched(target, prompts, drafter=None, desc="autoregressive", **common)
+    baseline = decode_prompts(target, prompts, drafter=None, desc="autoregressive", **common)
     ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
     reports = {}
     for name, drafter in drafters.items():
-        spec = _batched(target, prompts, drafter=drafter, desc=f"speculative, {name}", **common)
+        spec = decode_prompts(target, prompts, drafter=drafter, desc=f"speculative, {name}", **common)
         stats = acceptance_stats([n for row in spec.accepted for n in row], cfg.k)
         matches = None
         if cfg.sampling.greedy:

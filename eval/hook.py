@@ -1,6 +1,7 @@
 """The eval hook: every N training steps and at the last one, decode held-out prompts with the
-drafter being trained, through the same engine and verifier as `specdec-eval`, and log what
-serving will see:
+drafter being trained, through the same engine and verifier as `specdec-eval` and with its batch
+size (speculation pays most at small batches, so a bigger hook batch would understate the speedup),
+and log what serving will see:
 eval/tau, eval/accept_rate, eval/accept_pos_<i>, eval/tokens_per_s and eval/speedup. `eval/tau`
 can be the monitor of ModelCheckpoint, so the kept checkpoint is the one that accepts most."""
 
@@ -11,7 +12,8 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.eval.drafters import Drafter
-from specdec.eval.engine import SpecConfig, generate
+from specdec.eval.engine import SpecConfig
+from specdec.eval.evaluate import decode_prompts
 from specdec.eval.metrics import acceptance_stats
 from specdec.eval.prompts import Prompt
 
@@ -34,21 +36,25 @@ class SpecEvalCallback(L.Callback):
         cfg: SpecConfig,
         eos_token_ids: set[int],
         every_n_steps: int,
+        batch_size: int = 1,  # prompts decoded together: the report's eval.batch_size
         seed: int = 0,
     ) -> None:
-        self.target, self.prompts, self.make_drafter = target, [p.token_ids for p in prompts], make_drafter
-        self.cfg, self.eos_token_ids, self.every_n_steps, self.seed = cfg, eos_token_ids, every_n_steps, seed
+        self.target, self.prompts, self.make_drafter = target, prompts, make_drafter
+        self.cfg, self.eos_token_ids, self.every_n_steps = cfg, eos_token_ids, every_n_steps
+        self.batch_size, self.seed = batch_size, seed
         self.ar_tokens_per_s: float | None = None  # the target is frozen: measured once
 
     def _decode(self, drafter: Drafter | None):
-        generator = torch.Generator(device=self.target.device).manual_seed(self.seed)
-        return generate(
+        return decode_prompts(
             self.target,
             self.prompts,
             drafter=drafter,
             cfg=self.cfg,
             eos_token_ids=self.eos_token_ids,
-            generator=generator,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            desc="eval hook",
+            progress=False,
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

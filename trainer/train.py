@@ -10,6 +10,7 @@ measures the trained drafter and its untrained start against plain decoding, in 
     run.dir/eval.json, eval.png    the final report (eval.out)
 """
 
+import copy
 import logging
 import os
 import time
@@ -147,6 +148,16 @@ def untrained_like(draft: Eagle3Model, target: PreTrainedModel, *, seed: int) ->
     return new_eagle3(target, draft.d2t, draft.t2d, seed=seed).to(target.dtype).eval()
 
 
+def serving_copy(draft: Eagle3Model, dtype: torch.dtype) -> Eagle3Model:
+    """The drafter as it is served (in `dtype`, eval mode), sharing the target's embedding, which
+    stays as it is: what the hook measures while the module keeps its float32 weights."""
+    served = copy.deepcopy(draft, memo={id(draft.embed_tokens): draft.embed_tokens})
+    for child in served.children():
+        if child is not draft.embed_tokens:
+            child.to(dtype)
+    return served.eval()
+
+
 def train(
     cfg: SpecdecConfig, *, callbacks: list[L.Callback] = (), progress: bool = True, report: bool = True
 ) -> TrainResult:
@@ -197,10 +208,11 @@ def train(
     hook = SpecEvalCallback(
         target=target.model,
         prompts=hook_prompts,
-        make_drafter=lambda module: Eagle3Drafter(module.draft, feature_layers),
+        make_drafter=lambda module: Eagle3Drafter(serving_copy(module.draft, target.model.dtype), feature_layers),
         cfg=spec,
         eos_token_ids=eos,
         every_n_steps=cfg.eval.every_n_steps,
+        batch_size=cfg.eval.batch_size,
         seed=cfg.run.seed,
     )
     checkpoints = run_dir / "checkpoints"

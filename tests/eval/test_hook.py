@@ -1,4 +1,5 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import torch
@@ -60,3 +61,29 @@ def test_the_hook_logs_tau_from_the_engine_to_tensorboard(tmp_path: Path) -> Non
     assert all(1.0 <= t <= 4.0 for t in tau) and tau[-1] > tau[0]  # the drafter learns, tau follows
     assert "eval/accept_pos_2" in events.Tags()["scalars"] and "eval/speedup" in events.Tags()["scalars"]
     assert float(best.best_model_score) == max(tau)  # checkpoints can be chosen by the measured tau
+
+
+def test_the_hook_decodes_in_the_reports_batch_size(monkeypatch) -> None:
+    """Speculation pays most at small batches: the hook measures the batch size serving uses."""
+    from specdec.eval import evaluate
+
+    target, batches, generate = tiny_lm(seed=0), [], evaluate.generate
+
+    def counting_generate(target, prompts, **kwargs):
+        batches.append(len(prompts))
+        return generate(target, prompts, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", counting_generate)
+    hook = SpecEvalCallback(
+        target=target,
+        prompts=[Prompt(name, [1, 5 + i]) for i, name in enumerate("abc")],
+        make_drafter=lambda m: CausalLMDrafter(m),
+        cfg=SpecConfig(k=2, max_new_tokens=4),
+        eos_token_ids=set(),
+        every_n_steps=1,
+        batch_size=2,
+    )
+    trainer = SimpleNamespace(global_step=1, is_global_zero=False, loggers=[], callback_metrics={})
+    hook.on_train_batch_end(trainer, perturbed(target, 1.0), None, None, 0)
+    assert batches == [2, 1, 2, 1]  # autoregressive, then speculative, each as 2 + 1
+    assert {"eval/tau", "eval/speedup"} <= set(trainer.callback_metrics)

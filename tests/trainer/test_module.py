@@ -16,7 +16,7 @@ from specdec.trainer import cli
 from specdec.trainer.config import compose_recipe
 from specdec.trainer.data import CachedSamples, LengthBucketBatches, TokenSamples, collate
 from specdec.trainer.module import DrafterModule
-from specdec.trainer.train import build_draft, target_layers, training_set
+from specdec.trainer.train import build_draft, serving_copy, target_layers, training_set
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +228,19 @@ def test_a_drafter_for_another_target_is_refused_with_its_file_named(tiny_run, t
     directory = save_eagle3(draft, tmp_path, target_config=other, target_layers=[1, 2, 3])
     with pytest.raises(DrafterLoadError, match="model.safetensors: not an EAGLE-3 drafter for this target"):
         load_eagle3(directory, target.model)
+
+
+def test_the_hook_measures_a_served_copy_that_leaves_the_training_drafter_alone(tiny_run) -> None:
+    _, _, _, cached, module = tiny_run
+    rng = torch.get_rng_state()
+    served = serving_copy(module.draft, torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), rng)  # no re-init: the training run's randomness is untouched
+    assert served.embed_tokens is module.draft.embed_tokens and served.embed_tokens.weight.dtype == torch.float32
+    assert served.fc.weight.dtype == torch.bfloat16 and module.draft.fc.weight.dtype == torch.float32
+    assert served.fc.weight.data_ptr() != module.draft.fc.weight.data_ptr() and not served.training
+    batch = collate([cached[1]])
+    inputs = {"next_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "steps": 2}
+    with torch.no_grad():
+        trained = module.draft.unroll(target_hidden=batch["hidden"][:, :, :-1].float(), **inputs)
+        served_logits = served.unroll(target_hidden=batch["hidden"][:, :, :-1], **inputs)
+    assert (served_logits.argmax(-1) == trained.argmax(-1)).float().mean() > 0.9
