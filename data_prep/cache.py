@@ -183,17 +183,20 @@ class HiddenStateCache:
         start, end = self._offsets[shard_index][local : local + 2].tolist()
         return handle, start, end
 
-    def tokens(self, index: int) -> dict[str, torch.Tensor]:
-        """Sample `index` without its hidden states: input_ids [T] int64 and loss_mask [T] bool."""
-        handle, start, end = self._locate(index)
+    @staticmethod
+    def _token_fields(handle: Any, start: int, end: int) -> dict[str, torch.Tensor]:
         return {
             "input_ids": handle.get_slice("input_ids")[start:end].long(),
             "loss_mask": handle.get_slice("loss_mask")[start:end],
         }
 
+    def tokens(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample `index` without its hidden states: input_ids [T] int64 and loss_mask [T] bool."""
+        return self._token_fields(*self._locate(index))
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         handle, start, end = self._locate(index)
-        sample = self.tokens(index)
+        sample = self._token_fields(handle, start, end)
         if self.manifest["key"]["dtype"] == CacheDType.fp8.value:
             values = handle.get_slice("hidden")[start:end]
             scale = handle.get_slice("hidden_scale")[start:end]

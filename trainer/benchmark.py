@@ -88,11 +88,8 @@ def _last_scalars(log_dir: Path, tags: list[str], window: int = 5) -> dict[str, 
 
     events = EventAccumulator(str(log_dir)).Reload()
     found = set(events.Tags()["scalars"])
-    return {
-        tag: sum(e.value for e in events.Scalars(tag)[-window:]) / len(events.Scalars(tag)[-window:])
-        for tag in tags
-        if tag in found
-    }
+    last = {tag: [event.value for event in events.Scalars(tag)[-window:]] for tag in tags if tag in found}
+    return {tag: sum(values) / len(values) for tag, values in last.items()}
 
 
 if __name__ == "__main__":
