@@ -43,7 +43,7 @@ def torch_save_bytes_per_token(samples, model, layers: list[int], directory: Pat
 
     total_bytes, total_tokens = 0, 0
     for index, sample in enumerate(samples):
-        hidden = target_hidden_states(model, [sample.input_ids], layers, topk=0)[0]["hidden"].to(torch.bfloat16)
+        hidden = target_hidden_states(model, [sample.input_ids], layers)[0].to(torch.bfloat16)
         record = {
             "input_ids": torch.from_numpy(sample.input_ids.astype("int64")),
             "loss_mask": torch.from_numpy(sample.loss_mask.astype("int64")),

@@ -3,11 +3,13 @@
 A cache is a directory:
     key.json                       what the cache was built from (written when a prep starts)
     shard-NNNNN.safetensors        many samples back to back: input_ids [N] int32, loss_mask [N] bool,
-                                   offsets [n+1] int64, hidden [N, L, H] (bf16, or fp8 e4m3 with
-                                   hidden_scale [N, L] float32), optionally topk_ids / topk_logits [N, k]
+                                   offsets [n+1] int64, and hidden [N, L, H] bf16; or, with fp8, hidden
+                                   [N, L-1, H] e4m3 with hidden_scale [N, L-1] float32 and the last
+                                   layer (the teacher's input) as hidden_last [N, H] bf16
     shard-NNNNN.json               that shard's sha256, counts and key hash (written after the shard)
     manifest.json                  schema version, key, every shard (written when all shards exist)
-Shards are written under a temporary name and renamed, so a killed prep leaves whole shards only.
+Shards are written under a temporary name and renamed, so a killed prep leaves whole shards only;
+the next prep removes the temporary files of writers that died.
 Layer ids are Hugging Face `output_hidden_states` indices: 0 is the embeddings, N (the number of
 layers) is the final normed hidden state that the LM head reads.
 """
@@ -15,6 +17,7 @@ layers) is the final normed hidden state that the LM head reads.
 import hashlib
 import json
 import os
+import socket
 from bisect import bisect_right
 from dataclasses import dataclass
 from enum import Enum
@@ -24,13 +27,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: fp8 caches keep the last layer in bf16; no top-k logits
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 class CacheDType(str, Enum):
     bf16 = "bf16"
-    fp8 = "fp8"  # e4m3 with a per-token, per-layer scale
+    fp8 = "fp8"  # e4m3 with a per-token, per-layer scale; the last layer (the teacher's input) stays bf16
 
 
 @dataclass
@@ -38,7 +41,6 @@ class CacheConfig:
     dir: str = "${run.dir}/cache"
     layers: list[int] | None = None  # HF output_hidden_states ids; None = what the drafter needs
     dtype: CacheDType = CacheDType.bf16
-    topk: int = 0  # also store the target's top-k logits per token; 0 = none
     overwrite: bool = False  # rebuild a cache that was made from another configuration
     shard_tokens: int = 65536  # samples are grouped into shards of about this many tokens
     batch_tokens: int = 8192  # padded tokens per target forward while caching
@@ -62,9 +64,12 @@ def key_difference(found: dict[str, Any], expected: dict[str, Any]) -> str:
     )
 
 
-def bytes_per_token(*, num_layers: int, hidden_size: int, dtype: CacheDType, topk: int) -> int:
-    hidden = num_layers * hidden_size * 2 if dtype == CacheDType.bf16 else num_layers * (hidden_size + 4)
-    return hidden + 4 + 1 + topk * (4 + 2)  # + input id (int32) + mask (bool) + top-k ids and bf16 logits
+def bytes_per_token(*, num_layers: int, hidden_size: int, dtype: CacheDType) -> int:
+    if dtype == CacheDType.bf16:
+        hidden = num_layers * hidden_size * 2
+    else:  # e4m3 values and a float32 scale per layer, the last layer in bf16
+        hidden = (num_layers - 1) * (hidden_size + 4) + hidden_size * 2
+    return hidden + 4 + 1  # + input id (int32) + mask (bool)
 
 
 def quantize_fp8(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,13 +84,38 @@ def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write to a temporary name in the same directory, then rename: readers see all or nothing. The
+    name carries the writer's host and pid, so that `remove_dead_writers_files` can tell whose it is."""
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with tmp.open("wb") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def remove_dead_writers_files(directory: Path) -> list[Path]:
+    """Remove the temporary files that `atomic_write` left in `directory` when its process was killed:
+    those of this host whose pid is not running. Other ranks may share the directory, so files of a
+    live process, and of other hosts (whose pids cannot be checked from here), are left to them."""
+    host = socket.gethostname()
+    removed = []
+    for tmp in directory.glob(".*.tmp-*"):
+        writer_host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+        if writer_host == host and pid.isdigit() and not _process_is_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def shard_name(index: int) -> str:
@@ -114,8 +144,8 @@ def _rebuild_hint(directory: Path) -> str:
 
 class HiddenStateCache:
     """A finished cache, read by memory map. `cache[i]` is sample i (in source order) as a dict of
-    input_ids [T] int64, loss_mask [T] bool, hidden [T, L, H] bfloat16, and topk_ids / topk_logits
-    [T, k] when the cache has them. Each shard's sha256 is checked the first time it is opened."""
+    input_ids [T] int64, loss_mask [T] bool and hidden [T, L, H] bfloat16 (an fp8 cache dequantized,
+    its last layer as stored). Each shard's sha256 is checked the first time it is opened."""
 
     def __init__(self, directory: str | Path, expected_key: dict[str, Any] | None = None) -> None:
         self.dir = Path(directory)
@@ -200,10 +230,8 @@ class HiddenStateCache:
         if self.manifest["key"]["dtype"] == CacheDType.fp8.value:
             values = handle.get_slice("hidden")[start:end]
             scale = handle.get_slice("hidden_scale")[start:end]
-            sample["hidden"] = dequantize_fp8(values, scale).to(torch.bfloat16)
+            last = handle.get_slice("hidden_last")[start:end]  # [T, H]
+            sample["hidden"] = torch.cat([dequantize_fp8(values, scale).to(torch.bfloat16), last[:, None]], dim=1)
         else:
             sample["hidden"] = handle.get_slice("hidden")[start:end]
-        if self.manifest["key"]["topk"]:
-            sample["topk_ids"] = handle.get_slice("topk_ids")[start:end].long()
-            sample["topk_logits"] = handle.get_slice("topk_logits")[start:end]
         return sample

@@ -33,15 +33,15 @@ from specdec.data_prep.cache import (
     CacheError,
     atomic_write,
     bytes_per_token,
-    file_sha256,
     key_difference,
     key_hash,
     quantize_fp8,
     record_name,
+    remove_dead_writers_files,
     shard_name,
 )
 from specdec.data_prep.regenerate import regenerate_answers
-from specdec.data_prep.sources import DataConfig, SourceData, read_conversations
+from specdec.data_prep.sources import DataConfig, SourceData, read_conversations, source_fingerprint
 from specdec.data_prep.target import Target, TargetConfig
 from specdec.data_prep.templates import Sample, tokenize_conversation
 
@@ -106,10 +106,8 @@ def right_pad(token_ids: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def target_hidden_states(
-    model: PreTrainedModel, token_ids: list[np.ndarray], layers: list[int], topk: int
-) -> list[dict[str, torch.Tensor]]:
-    """One padded forward: per sample, hidden [T, L, H] float32 (and topk_ids / topk_logits [T, k])."""
+def target_hidden_states(model: PreTrainedModel, token_ids: list[np.ndarray], layers: list[int]) -> list[torch.Tensor]:
+    """One padded forward: per sample, its hidden states [T, L, H] float32."""
     device = model.device
     input_ids, attention_mask = right_pad(token_ids)
     output = model.base_model(
@@ -119,35 +117,24 @@ def target_hidden_states(
         use_cache=False,
     )
     hidden = torch.stack([output.hidden_states[layer] for layer in layers], dim=2)  # [B, T, L, H]
-    if topk:
-        logits = model.get_output_embeddings()(output.hidden_states[-1])
-        topk_logits, topk_ids = logits.float().topk(topk, dim=-1)
-    results = []
-    for row, ids in enumerate(token_ids):
-        length = len(ids)
-        result = {"hidden": hidden[row, :length].float().cpu()}
-        if topk:
-            result["topk_ids"] = topk_ids[row, :length].int().cpu()
-            result["topk_logits"] = topk_logits[row, :length].to(torch.bfloat16).cpu()
-        results.append(result)
-    return results
+    return [hidden[row, : len(ids)].float().cpu() for row, ids in enumerate(token_ids)]
 
 
-def _shard_tensors(samples: list[Sample], outputs: list[dict[str, torch.Tensor]], dtype: CacheDType) -> dict:
+def _shard_tensors(samples: list[Sample], hidden_states: list[torch.Tensor], dtype: CacheDType) -> dict:
     lengths = [len(sample.input_ids) for sample in samples]
     tensors = {
         "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in samples]).astype(np.int32)),
         "loss_mask": torch.from_numpy(np.concatenate([s.loss_mask for s in samples])),
         "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64),
     }
-    hidden = torch.cat([output["hidden"] for output in outputs])
+    hidden = torch.cat(hidden_states)  # [N, L, H]
     if dtype == CacheDType.fp8:
-        tensors["hidden"], tensors["hidden_scale"] = quantize_fp8(hidden)
+        # The last layer is the final normed state the teacher's distribution is computed from: e4m3
+        # would perturb the teacher itself, so it stays bf16 (H * 2 more bytes per token).
+        tensors["hidden"], tensors["hidden_scale"] = quantize_fp8(hidden[:, :-1])
+        tensors["hidden_last"] = hidden[:, -1].to(torch.bfloat16).contiguous()
     else:
         tensors["hidden"] = hidden.to(torch.bfloat16)
-    if "topk_ids" in outputs[0]:
-        tensors["topk_ids"] = torch.cat([output["topk_ids"] for output in outputs])
-        tensors["topk_logits"] = torch.cat([output["topk_logits"] for output in outputs])
     return tensors
 
 
@@ -205,6 +192,8 @@ def _done_record(directory: Path, index: int, expected_hash: str) -> dict | None
 
 def _claim_directory(directory: Path, key: dict, overwrite: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in remove_dead_writers_files(directory):
+        log.info("removed %s, left by a killed prep", stale)
     key_path = directory / "key.json"
     if key_path.is_file():
         found = json.loads(key_path.read_text())
@@ -246,7 +235,8 @@ def _check_free_space(directory: Path, needed_bytes: int) -> None:
     if needed_bytes > free:
         raise CacheError(
             f"{directory} needs about {needed_bytes / 1e9:.2f} GB for the cache but only {free / 1e9:.2f} GB are "
-            "free. Free some space, point cache.dir at a larger disk, or use cache.dtype=fp8 (half the size)."
+            "free. Free some space, point cache.dir at a larger disk, or use cache.dtype=fp8 (1 byte per value, "
+            "2 for the last layer)."
         )
 
 
@@ -267,9 +257,7 @@ def write_cache(
     expected_hash = key_hash(key)
     pending = [i for i in range(rank, len(shards), world) if _done_record(directory, i, expected_hash) is None]
     pending_tokens = sum(len(samples[j].input_ids) for i in pending for j in shards[i])
-    per_token = bytes_per_token(
-        num_layers=len(layers), hidden_size=model.config.hidden_size, dtype=cfg.dtype, topk=cfg.topk
-    )
+    per_token = bytes_per_token(num_layers=len(layers), hidden_size=model.config.hidden_size, dtype=cfg.dtype)
     _check_free_space(directory, pending_tokens * per_token)
     log.info("rank %d/%d: %d of %d shards to write, %d tokens", rank, world, len(pending), len(shards), pending_tokens)
 
@@ -282,11 +270,11 @@ def write_cache(
         for index in pending:
             shard_samples = [samples[j] for j in shards[index]]
             lengths = [len(s.input_ids) for s in shard_samples]
-            outputs: list[dict | None] = [None] * len(shard_samples)
+            hidden_states: list[torch.Tensor | None] = [None] * len(shard_samples)
             for batch in _length_batches(lengths, cfg.batch_tokens):
-                results = target_hidden_states(model, [shard_samples[p].input_ids for p in batch], layers, cfg.topk)
+                results = target_hidden_states(model, [shard_samples[p].input_ids for p in batch], layers)
                 for position, result in zip(batch, results, strict=True):
-                    outputs[position] = result
+                    hidden_states[position] = result
                 bar.update(sum(lengths[p] for p in batch))
             record = {
                 "file": shard_name(index),
@@ -295,7 +283,7 @@ def write_cache(
                 "tokens": sum(lengths),
                 "ids": [s.id for s in shard_samples],
             }
-            writer.put(index, _shard_tensors(shard_samples, outputs, cfg.dtype), record)
+            writer.put(index, _shard_tensors(shard_samples, hidden_states, cfg.dtype), record)
     finally:
         bar.close()
         writer.close()
@@ -318,12 +306,6 @@ def write_cache(
     )
 
 
-def source_fingerprint(path: str) -> str:
-    """sha256 of a local source file; a `datasets` name stands for itself."""
-    file = Path(path).expanduser()
-    return file_sha256(file) if file.is_file() else f"datasets:{path}"
-
-
 def cache_key(
     target: Target,
     target_cfg: TargetConfig,
@@ -340,7 +322,7 @@ def cache_key(
         "target": target.reference,
         "target_dtype": str(target.model.dtype),
         "target_random_init": {"fields": random_init, "seed": seed} if random_init else None,
-        "data": source_fingerprint(data_cfg.path),
+        "data": source_fingerprint(data_cfg),
         "data_split": data_cfg.split,
         "data_format": str(getattr(data_cfg.format, "value", data_cfg.format)),
         "max_samples": data_cfg.max_samples,
@@ -358,7 +340,6 @@ def cache_key(
         "max_length": data_cfg.max_length,
         "layers": list(layers),
         "dtype": CacheDType(cache_cfg.dtype).value,
-        "topk": cache_cfg.topk,
     }
 
 

@@ -3,6 +3,7 @@
 from the user turns and the target's earlier answers, batched across conversations (left padding).
 Chunks of conversations are written as jsonl under a temporary name and renamed, so a killed run
 resumes at the first missing chunk; sampling is seeded per chunk, so a resumed run writes the same.
+Each rank writes its own chunks, then waits for the others' (and names them if they never come).
 """
 
 import json
@@ -14,11 +15,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specdec.data_prep.cache import atomic_write
+from specdec.data_prep.cache import CacheError, atomic_write, remove_dead_writers_files
 from specdec.data_prep.sources import Conversation, Turn
 from specdec.data_prep.target import Target
 
 log = logging.getLogger(__name__)
+
+CHUNK_POLL_S = 5.0
+# How long a rank waits, once its own chunks are done, without any other rank's chunk appearing. A
+# chunk (64 conversations) takes minutes on a GPU, so an hour without one means a rank has died.
+CHUNK_WAIT_TIMEOUT_S = 3600.0
 
 
 def _rewritable(turns: tuple[Turn, ...] | list[Turn], start: int = 0) -> list[int]:
@@ -27,24 +33,39 @@ def _rewritable(turns: tuple[Turn, ...] | list[Turn], start: int = 0) -> list[in
     return [i for i in range(max(start, first_user), len(turns)) if turns[i].role == "assistant"]
 
 
+def _left_pad(token_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask [B, longest], padded on the left: generation continues every row
+    at the right edge. Done here rather than by the tokenizer, whose padding side and pad token are
+    the caller's settings (a tokenizer is shared by every stage)."""
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, longest - len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def _generate(
     target: Target, prompts: list[str], *, max_new_tokens: int, temperature: float, batch_size: int
 ) -> list[str]:
     tokenizer = target.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Batches of similar length: a long prompt makes every row of its batch attend over its padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
     for start in range(0, len(prompts), batch_size):
         rows = order[start : start + batch_size]
-        batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        token_ids = tokenizer([prompts[i] for i in rows], add_special_tokens=False)["input_ids"]
+        batch = _left_pad(token_ids, pad_id)
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         )
         with torch.inference_mode():
             output = target.model.generate(
-                **batch.to(target.model.device),
+                **{name: tensor.to(target.model.device) for name, tensor in batch.items()},
                 max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id,
                 **sampling,
             )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
@@ -107,14 +128,12 @@ def regenerate_answers(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    wait_timeout_s: float = CHUNK_WAIT_TIMEOUT_S,
 ) -> list[Conversation]:
     """The conversations with every answer rewritten by the target; resumable through `out_dir`.
     Rank r of w rewrites the chunks whose index is r mod w, then reads the others' from disk."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = target.tokenizer
-    tokenizer.padding_side = "left"  # generation continues at the right edge of every row
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    remove_dead_writers_files(out_dir)
     chunks = [conversations[start : start + chunk_size] for start in range(0, len(conversations), chunk_size)]
     mine = range(rank, len(chunks), world)
     answers = sum(len(_rewritable(conversation.turns)) for index in mine for conversation in chunks[index])
@@ -138,14 +157,37 @@ def regenerate_answers(
         lines = [json.dumps({"id": c.id, "turns": [[t.role, t.content] for t in c.turns]}) for c in rewritten]
         atomic_write(path, ("\n".join(lines) + "\n").encode())
     bar.close()
-    result = []
-    for index, chunk in enumerate(chunks):
-        path = out_dir / f"chunk-{index:05d}.jsonl"
-        while (done := _read_chunk(path, chunk)) is None:  # another rank's chunk, still being written
-            log.info("waiting for %s from rank %d", path, index % world)
-            time.sleep(5)
-        result += done
-    return result
+    return _collect_chunks(out_dir, chunks, world=world, wait_timeout_s=wait_timeout_s)
+
+
+def _collect_chunks(
+    out_dir: Path, chunks: list[list[Conversation]], *, world: int, wait_timeout_s: float
+) -> list[Conversation]:
+    """Every chunk, in order, once the other ranks have written theirs; raises when none of the
+    missing chunks appears for `wait_timeout_s` (a rank that died would be waited for forever)."""
+    done: dict[int, list[Conversation]] = {}
+    last_progress = time.monotonic()
+    while True:
+        for index in [index for index in range(len(chunks)) if index not in done]:
+            rewritten = _read_chunk(out_dir / f"chunk-{index:05d}.jsonl", chunks[index])
+            if rewritten is not None:
+                done[index], last_progress = rewritten, time.monotonic()
+        missing = [index for index in range(len(chunks)) if index not in done]
+        if not missing:
+            return [conversation for index in range(len(chunks)) for conversation in done[index]]
+        waited_s = time.monotonic() - last_progress
+        if waited_s > wait_timeout_s:
+            names = ", ".join(f"chunk-{index:05d}.jsonl" for index in missing[:8])
+            more = ", ..." if len(missing) > 8 else ""
+            ranks = ", ".join(str(rank) for rank in sorted({index % world for index in missing}))
+            raise CacheError(
+                f"{out_dir}: {len(missing)} of {len(chunks)} chunks of regenerated answers ({names}{more}), to be "
+                f"written by rank(s) {ranks}, have not appeared for {waited_s:.0f} s: that rank has probably died. "
+                "Rerun `specdec-prep` with the same recipe on all ranks: the chunks already written are kept and "
+                "only the missing ones are generated."
+            )
+        log.info("waiting for %d chunks of other ranks in %s", len(missing), out_dir)
+        time.sleep(min(CHUNK_POLL_S, wait_timeout_s))
 
 
 def _read_chunk(path: Path, chunk: list[Conversation]) -> list[Conversation] | None:

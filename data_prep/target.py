@@ -13,10 +13,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import torch
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils.hub import extract_commit_hash
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class TargetConfig:
 class Target:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    reference: str  # what was loaded, e.g. "meta-llama/Llama-3.1-8B-Instruct@main"; goes into cache keys
+    reference: str  # what was loaded: a local path, or a Hub id at its commit ("org/name@<sha>"); in cache keys
 
 
 class TargetLoadError(RuntimeError):
@@ -86,9 +89,29 @@ def _source(cfg: TargetConfig, key: str) -> _Source:
     return _Source(cfg.path, {**kwargs, "revision": cfg.revision}, on_hub=True)
 
 
+def _resolved_commit(source: _Source) -> str:
+    """The commit of a Hub reference that was just loaded, read from the local Hub cache (no network):
+    loading resolved the revision (a branch or tag moves) and recorded it there."""
+    revision = source.kwargs["revision"] or "main"
+    filename = source.kwargs.get("gguf_file") or "config.json"
+    cached = try_to_load_from_cache(source.location, filename, revision=revision)
+    commit = extract_commit_hash(cached, None) if isinstance(cached, str) else None
+    if commit is None:
+        log.warning(
+            "%s@%s: its commit is not in the Hugging Face cache (%s); caches are keyed on the revision name, "
+            "so a cache built before the revision moved would be reused",
+            source.location,
+            revision,
+            huggingface_hub.constants.HF_HUB_CACHE,
+        )
+        return revision
+    return commit
+
+
 def _reference(source: _Source) -> str:
-    """A stable name of what was loaded, for logs and (later) cache keys."""
-    name = f"{source.location}@{source.kwargs['revision'] or 'main'}" if source.on_hub else source.location
+    """A stable name of what was loaded, for logs and cache keys: a Hub id at its resolved commit,
+    or the local path."""
+    name = f"{source.location}@{_resolved_commit(source)}" if source.on_hub else source.location
     gguf_file = source.kwargs.get("gguf_file")
     return f"{name}/{gguf_file}" if gguf_file else name
 

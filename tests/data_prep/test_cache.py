@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,13 +13,14 @@ import pytest
 import torch
 
 from specdec.data_prep import CacheConfig, CacheDType, CacheError, HiddenStateCache
-from specdec.data_prep.cache import FP8_MAX, dequantize_fp8, quantize_fp8
+from specdec.data_prep.cache import FP8_MAX, bytes_per_token, dequantize_fp8, quantize_fp8
 from specdec.data_prep.prep import target_hidden_states, write_cache
 from specdec.data_prep.templates import Sample
 from tests.conftest import REPO_ROOT, make_tiny_llama
 
 LAYERS = [0, 1, 2]  # embeddings, after layer 1, final normed state of the 2-layer tiny Llama
-KEY = {"target": "tiny", "layers": LAYERS, "dtype": "bf16", "topk": 0, "max_length": 64}
+KEY = {"target": "tiny", "layers": LAYERS, "dtype": "bf16", "max_length": 64}
+SHARD_TOKENS = 60
 
 
 def _samples(count: int = 12, seed: int = 0) -> list[Sample]:
@@ -34,8 +36,8 @@ def _samples(count: int = 12, seed: int = 0) -> list[Sample]:
 
 def _write(directory: Path, samples: list[Sample], **overrides) -> None:
     key = {**KEY, **overrides.pop("key", {})}
-    cfg = CacheConfig(dir=str(directory), shard_tokens=60, batch_tokens=1, **overrides)
-    key["dtype"], key["topk"] = CacheDType(cfg.dtype).value, cfg.topk
+    cfg = CacheConfig(dir=str(directory), shard_tokens=SHARD_TOKENS, batch_tokens=1, **overrides)
+    key["dtype"] = CacheDType(cfg.dtype).value
     write_cache(make_tiny_llama(), samples, key=key, cfg=cfg, progress=False)
 
 
@@ -53,38 +55,70 @@ def test_round_trip_is_bitwise_in_bf16(tmp_path: Path) -> None:
     samples = _samples()
     _write(tmp_path, samples)
     cache = HiddenStateCache(tmp_path, expected_key=KEY)
-    assert len(cache) == len(samples) and len(cache.shards) > 2
+    assert len(cache) == len(samples)
+    # Consecutive shards, each cut at the sample that brings it to SHARD_TOKENS tokens (the last takes the rest).
+    next_sample = 0
+    for shard in cache.shards:
+        assert shard["first_sample"] == next_sample
+        next_sample += shard["samples"]
+        lengths = [len(sample.input_ids) for sample in samples[shard["first_sample"] : next_sample]]
+        assert shard["tokens"] == sum(lengths) and sum(lengths[:-1]) < SHARD_TOKENS
+        assert sum(lengths) >= SHARD_TOKENS or shard is cache.shards[-1]
+    assert next_sample == len(samples)
     model = make_tiny_llama()
     for index, sample in enumerate(samples):
         read = cache[index]
         assert read["input_ids"].tolist() == sample.input_ids.tolist()
         assert read["loss_mask"].tolist() == sample.loss_mask.tolist()
-        expected = target_hidden_states(model, [sample.input_ids], LAYERS, topk=0)[0]["hidden"].to(torch.bfloat16)
+        expected = target_hidden_states(model, [sample.input_ids], LAYERS)[0].to(torch.bfloat16)
         assert read["hidden"].dtype == torch.bfloat16 and torch.equal(read["hidden"], expected)
 
 
-def test_round_trip_in_fp8_is_within_its_bound_and_about_half_the_bytes(tmp_path: Path) -> None:
+def _tensor_bytes(shard: Path) -> int:
+    """Bytes of a safetensors file's tensors: the file less its 8-byte header length and its header."""
+    data = shard.read_bytes()
+    return len(data) - 8 - int.from_bytes(data[:8], "little")
+
+
+@pytest.mark.parametrize("dtype", [CacheDType.bf16, CacheDType.fp8])
+def test_a_shard_holds_bytes_per_token_for_each_token_and_its_offsets(tmp_path: Path, dtype: CacheDType) -> None:
+    samples = _samples()
+    _write(tmp_path, samples, dtype=dtype, key={"dtype": dtype.value})
+    per_token = bytes_per_token(num_layers=len(LAYERS), hidden_size=32, dtype=dtype)
+    assert per_token == {CacheDType.bf16: 3 * 32 * 2 + 5, CacheDType.fp8: 2 * (32 + 4) + 32 * 2 + 5}[dtype]
+    for shard in HiddenStateCache(tmp_path).shards:
+        offsets_bytes = 8 * (shard["samples"] + 1)  # int64
+        assert _tensor_bytes(tmp_path / shard["file"]) == shard["tokens"] * per_token + offsets_bytes
+
+
+def test_round_trip_in_fp8_is_within_its_bound_and_keeps_the_last_layer_as_bf16(tmp_path: Path) -> None:
     samples = _samples()
     _write(tmp_path / "bf16", samples)
     _write(tmp_path / "fp8", samples, dtype=CacheDType.fp8, key={"dtype": "fp8"})
     bf16, fp8 = HiddenStateCache(tmp_path / "bf16"), HiddenStateCache(tmp_path / "fp8")
     for index in range(len(samples)):
         exact, approx = bf16[index]["hidden"].float(), fp8[index]["hidden"].float()
+        assert approx.shape == exact.shape == (len(samples[index].input_ids), len(LAYERS), 32)
         scale = exact.abs().amax(dim=-1, keepdim=True) / FP8_MAX
         # fp8 rounding, plus the bf16 rounding of the exact value and of the dequantized one
         assert (approx - exact).abs().le(exact.abs() * (2**-4 + 2**-7) + 2**-9 * scale + 1e-6).all()
-    size = {name: sum(p.stat().st_size for p in (tmp_path / name).glob("*.safetensors")) for name in ("bf16", "fp8")}
-    assert size["fp8"] < 0.7 * size["bf16"]  # H=32 here: the per-(token, layer) scale weighs more than at H=576
+        assert not torch.equal(approx[:, :-1], exact[:, :-1])  # the other layers are e4m3
+        assert torch.equal(approx[:, -1], exact[:, -1])
 
 
-def test_topk_logits_are_the_targets(tmp_path: Path) -> None:
-    samples = _samples(3)
-    _write(tmp_path, samples, topk=4)
-    read = HiddenStateCache(tmp_path)[1]
-    logits = make_tiny_llama()(torch.from_numpy(samples[1].input_ids.astype(np.int64))[None]).logits[0]
-    values, ids = logits.topk(4, dim=-1)
-    assert torch.equal(read["topk_ids"], ids)
-    torch.testing.assert_close(read["topk_logits"].float(), values, rtol=2**-7, atol=1e-5)
+def test_the_teacher_from_an_fp8_cache_is_the_teacher_from_a_bf16_cache(tmp_path: Path) -> None:
+    # The teacher is softmax(lm_head(final normed state)), the last cached layer; in e4m3 (3 mantissa
+    # bits) that state moves by up to 2^-4 of each value, which moves the teacher's probabilities.
+    samples = _samples()
+    _write(tmp_path / "bf16", samples)
+    _write(tmp_path / "fp8", samples, dtype=CacheDType.fp8, key={"dtype": "fp8"})
+    bf16, fp8 = HiddenStateCache(tmp_path / "bf16"), HiddenStateCache(tmp_path / "fp8")
+    lm_head = make_tiny_llama().lm_head
+    with torch.no_grad():
+        for index in range(len(samples)):
+            teacher_bf16 = torch.softmax(lm_head(bf16[index]["hidden"][:, -1].float()), dim=-1)
+            teacher_fp8 = torch.softmax(lm_head(fp8[index]["hidden"][:, -1].float()), dim=-1)
+            assert torch.equal(teacher_fp8, teacher_bf16)
 
 
 def test_a_flipped_byte_is_detected_and_the_shard_named(tmp_path: Path) -> None:
@@ -193,3 +227,29 @@ def test_two_ranks_write_their_own_shards_and_merge_one_manifest(tmp_path: Path)
     assert _shard_hashes(tmp_path / "two") == _shard_hashes(tmp_path / "one")
     cache = HiddenStateCache(tmp_path / "two")
     assert [cache[i]["input_ids"].tolist() for i in range(24)] == [s.input_ids.tolist() for s in _samples(24)]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_prep_removes_the_temporary_files_of_dead_writers_only(tmp_path: Path) -> None:
+    samples = _samples()
+    _write(tmp_path / "whole", samples)
+    directory = tmp_path / "killed"
+    _write(directory, samples)
+    host = socket.gethostname()
+    dead = directory / f".shard-00001.safetensors.tmp-{host}-{_dead_pid()}"
+    live = directory / f".shard-00002.safetensors.tmp-{host}-{os.getppid()}"  # another rank, still writing
+    elsewhere = directory / f".shard-00003.safetensors.tmp-otherhost-{_dead_pid()}"  # its pid means nothing here
+    for planted in (dead, live, elsewhere):
+        planted.write_bytes(b"half a shard")
+
+    _write(directory, samples)
+    assert not dead.exists()
+    assert live.read_bytes() == elsewhere.read_bytes() == b"half a shard"
+    assert _shard_hashes(directory) == _shard_hashes(tmp_path / "whole")
+    cache = HiddenStateCache(directory)
+    assert [cache[i]["input_ids"].tolist() for i in range(len(samples))] == [s.input_ids.tolist() for s in samples]

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from specdec.data_prep import DataConfig, SourceError, Turn, asset_path, read_conversations
+from specdec.data_prep import DataConfig, SourceError, Turn, asset_path, read_conversations, sources
 from specdec.data_prep.sources import OnBadRow, SourceFormat
 
 SHAREGPT_ROWS = [
@@ -139,3 +139,48 @@ def test_max_turns_keeps_the_system_prompt_and_the_first_turns_from_the_first_qu
     kept = read_conversations(DataConfig(path=path, max_turns=2)).conversations[0].turns
     assert kept == (Turn("system", "Be brief"), Turn("user", "turn 0"), Turn("assistant", "turn 1"))
     assert len(read_conversations(DataConfig(path=path)).conversations[0].turns) == 7
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_a_bad_row_named_with_its_byte(tmp_path: Path) -> None:
+    good = {"id": "m1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    first = (json.dumps(good) + "\n").encode()
+    latin1 = json.dumps({**good, "id": "m2"}).replace('"q"', '"café"').encode("latin-1") + b"\n"
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(first + latin1 + (json.dumps({**good, "id": "m3"}) + "\n").encode())
+    offset = len(first) + latin1.index(b"\xe9")
+    with pytest.raises(SourceError) as error:
+        read_conversations(DataConfig(path=str(path)))
+    assert str(error.value).startswith(
+        f"{path}: row 1 (id ?): line 2 is not valid UTF-8: byte {offset} is b'\\xe9'. Fix or remove the row"
+    )
+    data = read_conversations(DataConfig(path=str(path), on_bad_row=OnBadRow.skip))
+    assert [c.id for c in data.conversations] == ["m1", "m3"] and data.skipped_ids == ["row1:?"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 7, 1 << 23])  # small chunks cut "ü" and "é" apart
+def test_a_sharegpt_record_that_is_not_utf8_is_named_with_its_byte(tmp_path: Path, chunk_bytes: int) -> None:
+    whole = json.dumps(SHAREGPT_ROWS, indent=2, ensure_ascii=False).encode()
+    latin1 = whole.replace(b"Be brief", "Be brïef".encode("latin-1"))
+    path = tmp_path / "s.json"
+    path.write_bytes(latin1)
+    offset = latin1.index(b"\xef")
+    expected = f"{path}: record 1 is not valid UTF-8: byte {offset} is b'\\xef'. Save the file as UTF-8"
+    with pytest.raises(SourceError) as error:
+        list(sources._json_array_rows(path, chunk_bytes=chunk_bytes))
+    assert str(error.value).startswith(expected)
+    path.write_bytes(whole)  # the same file in UTF-8 reads whole at every chunk size
+    assert list(sources._json_array_rows(path, chunk_bytes=chunk_bytes)) == SHAREGPT_ROWS
+    path.write_bytes(whole[: whole.index("ü".encode()) + 1])  # cut inside "ü": a cut record, not bad UTF-8
+    with pytest.raises(sources._Truncated):
+        list(sources._json_array_rows(path, chunk_bytes=chunk_bytes))
+
+
+def test_read_conversations_names_the_sharegpt_record_that_is_not_utf8(tmp_path: Path) -> None:
+    whole = json.dumps(SHAREGPT_ROWS, indent=2, ensure_ascii=False).encode()
+    latin1 = whole.replace(b"Because.", "Parce que ça.".encode("latin-1"))
+    path = tmp_path / "s.json"
+    path.write_bytes(latin1)
+    offset = latin1.index("ç".encode("latin-1"))
+    with pytest.raises(SourceError) as error:
+        read_conversations(DataConfig(path=str(path)))
+    assert str(error.value).startswith(f"{path}: record 2 is not valid UTF-8: byte {offset} is b'\\xe7'.")
