@@ -1,14 +1,13 @@
 """specdec.eval: drafters at inference, the verifier, the speculative decoding engine, metrics,
 benchmarks and the training-time eval hook."""
 
-from specdec.eval.drafters import DRAFTERS, ChainProposal, Drafter, register_drafter
+from specdec.eval.drafters import ChainProposal, Drafter
 from specdec.eval.drafters.causal_lm import CausalLMDrafter
 from specdec.eval.engine import Generation, SpecConfig, generate
 from specdec.eval.tree import DraftTree
 from specdec.eval.verify import Sampling
 
 __all__ = [
-    "DRAFTERS",
     "CausalLMDrafter",
     "ChainProposal",
     "DraftTree",
@@ -17,5 +16,4 @@ __all__ = [
     "Sampling",
     "SpecConfig",
     "generate",
-    "register_drafter",
 ]

@@ -2,8 +2,11 @@
 
 One loop serves every use: `specdec-eval`, the training-time eval hook and the benchmarks; with no
 drafter it is plain autoregressive decoding on the same code path (the baseline of every speedup).
-Prompts are batched with left padding; rows finish at different times and leave the batch. Per
-verify step and row it records how many drafted tokens were accepted.
+Prompts are batched with left padding; rows finish at different times and leave the batch. Drafts
+are chains, whose length may differ per row and step (`ChainProposal.lengths`), or trees of any
+shape (`DraftTree`). Per verify step it records, per row, how many tokens were drafted and how many
+accepted drafts the output keeps (none past EOS or max_new_tokens), and for the batch the time spent
+drafting and verifying (CUDA synchronised before each clock read).
 """
 
 import time
@@ -29,7 +32,10 @@ class SpecConfig:
 @dataclass(frozen=True)
 class Generation:
     new_tokens: list[list[int]]  # per prompt, in prompt order; ends with EOS when one was emitted
-    accepted: list[list[int]]  # per prompt, drafted tokens accepted at each verify step
+    accepted: list[list[int]]  # per prompt and verify step: accepted drafts that the output keeps
+    drafted: list[list[int]]  # per prompt and verify step: tokens drafted (chain length, or tree nodes)
+    draft_time_s: list[float]  # per verify step of the batch: the drafter's propose and commit
+    verify_time_s: list[float]  # per verify step: target forward, verification, target KV rollback
     seconds: float  # wall time of the whole generation, prefill included
 
     @property
@@ -78,6 +84,7 @@ class _Block:
     tokens: torch.Tensor  # [B, A]: the pending token, then the drafts
     offsets: torch.Tensor  # [A] or [B, A]: positions after the valid cache entries
     attention_mask: torch.Tensor | None
+    drafted: torch.Tensor  # [B] int64: drafted tokens per row
     chain: ChainProposal | None
     tree: DraftTree | None
 
@@ -85,17 +92,24 @@ class _Block:
 def _draft(drafter: Drafter | None, pending: torch.Tensor, state: _TargetState, cfg: SpecConfig, generator) -> _Block:
     device = pending.device
     if drafter is None:
-        tokens = pending[:, None]
-        return _Block(tokens, torch.zeros(1, dtype=torch.long, device=device), kv.block_mask(state.mask, 1), None, None)
+        tokens, drafted = pending[:, None], torch.zeros_like(pending)
+        offsets = torch.zeros(1, dtype=torch.long, device=device)
+        return _Block(tokens, offsets, kv.block_mask(state.mask, 1), drafted, None, None)
     if cfg.tree_width == 1:
         chain = drafter.propose_chain(pending, cfg.k, cfg.sampling, generator)
         tokens = torch.cat([pending[:, None], chain.tokens], dim=1)
-        offsets = torch.arange(cfg.k + 1, device=device)
-        return _Block(tokens, offsets, kv.block_mask(state.mask, tokens.shape[1]), chain, None)
+        drafted = (
+            chain.tokens.new_full(pending.shape, chain.tokens.shape[1]) if chain.lengths is None else chain.lengths
+        )
+        # drafts past a row's length are padding: fed like the others (causal attention keeps them
+        # from every entry before them), never accepted, and dropped from the cache at rollback
+        offsets = torch.arange(tokens.shape[1], device=device)
+        return _Block(tokens, offsets, kv.block_mask(state.mask, tokens.shape[1]), drafted, chain, None)
     tree = drafter.propose_tree(pending, cfg.k, cfg.tree_width)
     tokens = torch.cat([pending[:, None], tree.tokens], dim=1)
     mask = kv.tree_attention_mask(state.mask, ancestor_mask(tree), state.model.dtype)
-    return _Block(tokens, block_offsets(tree), mask, None, tree)
+    drafted = tree.tokens.new_full(pending.shape, tree.tokens.shape[1])
+    return _Block(tokens, block_offsets(tree), mask, drafted, None, tree)
 
 
 def _verify(logits: torch.Tensor, block: _Block, sampling: Sampling, generator):
@@ -116,15 +130,34 @@ def _verify(logits: torch.Tensor, block: _Block, sampling: Sampling, generator):
         )
         return torch.zeros_like(nxt), nxt, [[0]] * len(nxt)
     if sampling.greedy:
-        verdict = verify_chain_greedy(draft_tokens=block.chain.tokens, target_logits=logits)
+        verdict = verify_chain_greedy(
+            draft_tokens=block.chain.tokens, target_logits=logits, lengths=block.chain.lengths
+        )
     else:
         verdict = verify_chain_sampled(
             draft_tokens=block.chain.tokens,
             draft_probs=block.chain.probs,
             target_probs=to_probs(logits, sampling),
+            lengths=block.chain.lengths,
             generator=generator,
         )
     return verdict.accepted, verdict.next_tokens, [list(range(n + 1)) for n in verdict.accepted.tolist()]
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter once the device has run what was queued, so GPU work lands in the span that queued it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _kept_count(emitted: list[int], room: int, eos_token_ids: set[int]) -> int:
+    """How many of a row's emitted tokens (accepted drafts, then the next token) the output keeps:
+    up to the first EOS, included, and at most `room`."""
+    for count, token in enumerate(emitted[:room], start=1):
+        if token in eos_token_ids:
+            return count
+    return min(len(emitted), room)
 
 
 @torch.inference_mode()
@@ -156,25 +189,35 @@ def generate(
     rows = list(range(len(prompts)))  # prompt index of each batch row still generating
     new_tokens: list[list[int]] = [[] for _ in prompts]
     accepted: list[list[int]] = [[] for _ in prompts]
+    drafted: list[list[int]] = [[] for _ in prompts]
+    draft_time_s: list[float] = []
+    verify_time_s: list[float] = []
     while rows:
+        drafting = _clock(device)
         block = _draft(drafter, pending, state, cfg, generator)
+        verifying = _clock(device)
         logits, hidden = state.forward(block.tokens, block.offsets.expand(len(rows), -1), block.attention_mask)
         num_accepted, next_tokens, kept = _verify(logits, block, cfg.sampling, generator)
-
-        finished = []
-        block_tokens, next_list, accepted_list = block.tokens.tolist(), next_tokens.tolist(), num_accepted.tolist()
-        for row, prompt_index in enumerate(rows):
-            out = new_tokens[prompt_index]
-            for token in [block_tokens[row][offset] for offset in kept[row][1:]] + [next_list[row]]:
-                out.append(token)
-                if token in eos_token_ids or len(out) == cfg.max_new_tokens:
-                    finished.append(row)
-                    break
-            if drafter is not None:
-                accepted[prompt_index].append(accepted_list[row])
         state.mask = kv.keep_accepted(state.cache, state.mask, kept, block.tokens.shape[1])
+        committing = _clock(device)
         if drafter is not None:
             drafter.commit(block.tokens, kept, hidden)
+        done = _clock(device)
+        draft_time_s.append(verifying - drafting + done - committing)
+        verify_time_s.append(committing - verifying)
+
+        finished = []
+        block_tokens, next_list, drafted_list = block.tokens.tolist(), next_tokens.tolist(), block.drafted.tolist()
+        for row, (prompt_index, num, offsets) in enumerate(zip(rows, num_accepted.tolist(), kept, strict=True)):
+            out = new_tokens[prompt_index]
+            emitted = [block_tokens[row][offset] for offset in offsets[1:]] + [next_list[row]]
+            count = _kept_count(emitted, cfg.max_new_tokens - len(out), eos_token_ids)
+            out.extend(emitted[:count])
+            if out[-1] in eos_token_ids or len(out) == cfg.max_new_tokens:
+                finished.append(row)
+            if drafter is not None:
+                accepted[prompt_index].append(min(num, count))  # the drafts come first in `emitted`
+                drafted[prompt_index].append(drafted_list[row])
         pending = next_tokens
         if finished:
             keep_rows = torch.tensor(
@@ -187,6 +230,11 @@ def generate(
             pending = pending[keep_rows]
             if drafter is not None:
                 drafter.select_rows(keep_rows)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return Generation(new_tokens, accepted, time.perf_counter() - start)
+    return Generation(
+        new_tokens=new_tokens,
+        accepted=accepted,
+        drafted=drafted,
+        draft_time_s=draft_time_s,
+        verify_time_s=verify_time_s,
+        seconds=_clock(device) - start,
+    )

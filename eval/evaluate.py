@@ -1,8 +1,9 @@
 """Measure a drafter the way it will serve: the engine decodes held-out prompts with and without
 it, in one run, and reports tau, acceptance per position, tokens/s and the speedup over plain
-autoregressive decoding of the same target on the same prompts. Several drafters (a trained one
-and its untrained start) share that baseline. Greedy runs also check that every output equals
-the target's own greedy decode (the autoregressive run)."""
+autoregressive decoding of the same target on the same prompts, and where the time goes (drafting
+vs verifying, per verify step and in total). Several drafters (a trained one and its untrained
+start) share that baseline. Greedy runs also check that every output equals the target's own
+greedy decode (the autoregressive run)."""
 
 import json
 import platform
@@ -29,7 +30,12 @@ class EvalReport:
     speedup: float
     num_prompts: int
     new_tokens: int
-    verify_steps: int
+    verify_steps: int  # per row: a batch of B rows makes B at each target forward
+    drafted_per_step: float  # tokens drafted per row and verify step: K for a full chain, N for a tree
+    draft_ms_per_step: float  # per verify step of a batch (one target forward): propose and commit
+    verify_ms_per_step: float  # target forward, verification and KV rollback
+    draft_ms_total: float
+    verify_ms_total: float
     k: int
     tree_width: int
     temperature: float
@@ -64,15 +70,21 @@ def decode_prompts(
     progress: bool,
 ) -> Generation:
     """The prompts decoded `batch_size` at a time, as they are served; one Generation for all."""
-    tokens, accepted, seconds = [], [], 0.0
+    results = []
     generator = torch.Generator(device=target.device).manual_seed(seed)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         batch = [prompt.token_ids for prompt in prompts[start : start + batch_size]]
-        result = generate(target, batch, drafter=drafter, cfg=cfg, eos_token_ids=eos_token_ids, generator=generator)
-        tokens += result.new_tokens
-        accepted += result.accepted
-        seconds += result.seconds
-    return Generation(tokens, accepted, seconds)
+        results.append(
+            generate(target, batch, drafter=drafter, cfg=cfg, eos_token_ids=eos_token_ids, generator=generator)
+        )
+    return Generation(
+        new_tokens=[tokens for result in results for tokens in result.new_tokens],
+        accepted=[steps for result in results for steps in result.accepted],
+        drafted=[steps for result in results for steps in result.drafted],
+        draft_time_s=[time_s for result in results for time_s in result.draft_time_s],
+        verify_time_s=[time_s for result in results for time_s in result.verify_time_s],
+        seconds=sum(result.seconds for result in results),
+    )
 
 
 def evaluate_drafters(
@@ -101,6 +113,8 @@ def evaluate_drafters(
         if cfg.sampling.greedy:
             matches = sum(a == b for a, b in zip(spec.new_tokens, baseline.new_tokens, strict=True)) / len(prompts)
         tokens_per_s = spec.num_new_tokens / spec.seconds
+        drafted = [n for row in spec.drafted for n in row]
+        draft_ms, verify_ms = 1000 * sum(spec.draft_time_s), 1000 * sum(spec.verify_time_s)
         reports[name] = EvalReport(
             tau=stats.tau,
             accept_rate=stats.accept_rate,
@@ -111,6 +125,11 @@ def evaluate_drafters(
             num_prompts=len(prompts),
             new_tokens=spec.num_new_tokens,
             verify_steps=stats.verify_steps,
+            drafted_per_step=sum(drafted) / len(drafted),
+            draft_ms_per_step=draft_ms / len(spec.draft_time_s),
+            verify_ms_per_step=verify_ms / len(spec.verify_time_s),
+            draft_ms_total=draft_ms,
+            verify_ms_total=verify_ms,
             k=cfg.k,
             tree_width=cfg.tree_width,
             temperature=cfg.sampling.temperature,

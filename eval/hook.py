@@ -43,6 +43,11 @@ class SpecEvalCallback(L.Callback):
         self.cfg, self.eos_token_ids, self.every_n_steps = cfg, eos_token_ids, every_n_steps
         self.batch_size, self.seed = batch_size, seed
         self.ar_tokens_per_s: float | None = None  # the target is frozen: measured once
+        self.evaluated_step: int | None = None  # global_step of the weights last decoded
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a resumed run starts at the step its checkpoint was evaluated at (or step 0: never evaluated)
+        self.evaluated_step = trainer.global_step
 
     def _decode(self, drafter: Drafter | None):
         return decode_prompts(
@@ -58,9 +63,14 @@ class SpecEvalCallback(L.Callback):
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # This runs after every micro-batch; with gradient accumulation global_step moves only every
+        # accumulate_grad_batches of them, so the weights of a step are decoded once, at the first.
+        if trainer.global_step == self.evaluated_step:
+            return
         periodic = trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0
         if not (periodic or is_last_step(trainer)):
             return
+        self.evaluated_step = trainer.global_step
         if self.ar_tokens_per_s is None:
             baseline = self._decode(None)
             self.ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds

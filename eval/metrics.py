@@ -1,18 +1,12 @@
-"""Acceptance metrics in the vLLM / EAGLE conventions, and the teacher-forced proxy logged in training.
+"""Acceptance metrics in the vLLM / EAGLE conventions, and the plot of acceptance by draft position.
 
-    tau                    = 1 + accepted / verify steps   (mean acceptance length, bonus included)
-    accept_rate            = accepted / drafted
-    accept_rate_per_pos[i] = P(the first i+1 drafts of a step are accepted)   (unconditional, non-increasing)
-    sim_tau                = 1 + sum_{k=1..K} prod_{i<=k} alpha_i,  alpha_i = sum_x min(p_i(x), q_i(x))
-
-sim_tau is the closed-form expected acceptance length when alpha does not depend on the path
-(Leviathan et al., arXiv 2211.17192, section 3.5), evaluated on the teacher-forced gold path.
+tau                    = 1 + accepted / verify steps   (mean acceptance length, bonus included)
+accept_rate            = accepted / (K * verify steps)
+accept_rate_per_pos[i] = P(the first i+1 drafts of a step are accepted)   (unconditional, non-increasing)
 """
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -30,20 +24,6 @@ def acceptance_stats(accepted_per_step: list[int], k: int) -> AcceptanceStats:
     accepted = sum(accepted_per_step)
     per_pos = [sum(n > i for n in accepted_per_step) / steps for i in range(k)]
     return AcceptanceStats(1 + accepted / steps, accepted / (k * steps), per_pos, steps)
-
-
-def expected_acceptance_length(
-    *,
-    target_probs: torch.Tensor,  # [..., K, V]: step k's target distribution on the gold path
-    draft_probs: torch.Tensor,  # [..., K, V]: the draft's distribution at the same positions
-    valid: torch.Tensor | None = None,  # [...] bool: positions that count
-) -> torch.Tensor:
-    """sim_tau, the mean over valid positions of 1 + sum_k prod_{i<=k} alpha_i (a 0-dim tensor)."""
-    alpha = torch.minimum(target_probs.float(), draft_probs.float()).sum(dim=-1)  # [..., K]
-    per_position = 1 + alpha.cumprod(dim=-1).sum(dim=-1)
-    if valid is None:
-        return per_position.mean()
-    return per_position[valid].mean() if valid.any() else per_position.new_tensor(1.0)
 
 
 def plot_acceptance(series: dict[str, list[float]], path: Path, title: str) -> None:

@@ -1,13 +1,13 @@
-"""Drafters at inference: what the engine needs from a drafter, and the registry by name.
+"""Drafters at inference: what the engine needs from a drafter (the `Drafter` protocol).
 
 A drafter is a session over a trained module: `begin` reads the prompt, `propose_chain` /
 `propose_tree` draft from the accepted prefix, and `commit` rolls its state back to the path the
 verifier accepted. Drafters that read the target's hidden states name the layers
 (`target_layers`, HF `output_hidden_states` ids) and receive them for every accepted token.
-A new drafter is one file in this package with `@register_drafter(name)` and one import line below.
+A new drafter's model and session are one file in this package; its training side and its
+registration by name are in specdec.trainer.drafters.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,8 +19,13 @@ from specdec.eval.verify import Sampling
 
 @dataclass(frozen=True)
 class ChainProposal:
-    tokens: torch.Tensor  # [B, K] int64
+    tokens: torch.Tensor  # [B, K] int64; past lengths[b], padding: any valid ids, never accepted
     probs: torch.Tensor | None  # [B, K, V] the distributions the tokens were drawn from; None when greedy
+    lengths: torch.Tensor | None = None  # [B] int64 in 0..K: tokens drafted per row; None = K for every row
+
+
+class DrafterLoadError(ValueError):
+    """A saved drafter that does not fit: the message names the file and what to give instead."""
 
 
 class Drafter(Protocol):
@@ -33,10 +38,11 @@ class Drafter(Protocol):
     def propose_chain(
         self, pending: torch.Tensor, k: int, sampling: Sampling, generator: torch.Generator | None
     ) -> ChainProposal:
-        """K tokens following the pending tokens [B]."""
+        """Up to K tokens following the pending tokens [B]; rows may stop early (`lengths`)."""
 
     def propose_tree(self, pending: torch.Tensor, depth: int, width: int) -> DraftTree:
-        """A depth x width tree under the pending tokens."""
+        """A tree under the pending tokens (the roots). EAGLE-2 expansion gives `depth` levels of
+        `width` nodes (`expand_tree`); any tree of parents before children verifies."""
 
     def commit(self, block: torch.Tensor, kept: list[list[int]], target_hidden: torch.Tensor | None) -> None:
         """The verifier kept, per row, the entries at offsets kept[b] of the block [B, A] the target
@@ -47,21 +53,4 @@ class Drafter(Protocol):
         """Keep only these rows of the batch (the others finished)."""
 
 
-DRAFTERS: dict[str, Callable[..., Drafter]] = {}
-
-
-def register_drafter(name: str) -> Callable:
-    def register(builder: Callable[..., Drafter]) -> Callable[..., Drafter]:
-        if name in DRAFTERS:
-            raise ValueError(
-                f"drafter {name!r} is registered twice: {DRAFTERS[name].__module__} and {builder.__module__}"
-            )
-        DRAFTERS[name] = builder
-        return builder
-
-    return register
-
-
-from specdec.eval.drafters import causal_lm, eagle3  # noqa: E402 (they register after the registry exists)
-
-__all__ = ["DRAFTERS", "ChainProposal", "Drafter", "causal_lm", "eagle3", "register_drafter"]
+__all__ = ["ChainProposal", "Drafter", "DrafterLoadError"]

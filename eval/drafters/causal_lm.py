@@ -11,12 +11,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from specdec.eval import kv
-from specdec.eval.drafters import ChainProposal, register_drafter
-from specdec.eval.tree import DraftTree, ancestor_mask
+from specdec.eval.drafters import ChainProposal
+from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, expand_tree
 from specdec.eval.verify import Sampling, to_probs
 
 
-@register_drafter("causal_lm")
 class CausalLMDrafter:
     target_layers: tuple[int, ...] = ()
 
@@ -76,22 +75,20 @@ class CausalLMDrafter:
         return ChainProposal(torch.cat(tokens, dim=1), torch.stack(probs, dim=1) if probs else None)
 
     def propose_tree(self, pending: torch.Tensor, depth: int, width: int) -> DraftTree:
-        batch, device = pending.shape[0], pending.device
-        logprobs = torch.log_softmax(self._feed_pending(pending).float(), -1)
+        root = torch.log_softmax(self._feed_pending(pending).float(), dim=-1)
         base = self.lagging.long()[:, None]
-        scores, tokens = logprobs.topk(width, dim=-1)  # [B, W]
-        all_tokens, all_parents = [tokens], [torch.full((batch, width), -1, device=device)]
-        for level in range(1, depth):  # the deepest level is not fed: its accepted node lags
-            tree = DraftTree(torch.cat(all_tokens, 1), torch.cat(all_parents, 1), depth=level, width=width)
+
+        def child_logprobs(tree: DraftTree) -> torch.Tensor:
+            """Feed the frontier (the last W nodes) under the tree mask; their children's log q [B, W, V]."""
             mask = kv.tree_attention_mask(self.past, ancestor_mask(tree)[:, -width:], self.model.dtype)
-            logits = self._forward(all_tokens[-1], base + level, mask)
-            child_scores, child_tokens = torch.log_softmax(logits.float(), -1).topk(width, dim=-1)  # [B, W, W]
-            scores, best = (scores[:, :, None] + child_scores).flatten(1).topk(width, dim=-1)
-            all_tokens.append(child_tokens.flatten(1).gather(1, best))
-            all_parents.append((level - 1) * width + best // width)
-        self.block_size = int(self.slot) + 1 + (depth - 1) * width
-        self.unfed_from = 1 + (depth - 1) * width
-        return DraftTree(torch.cat(all_tokens, 1), torch.cat(all_parents, 1), depth=depth, width=width)
+            logits = self._forward(tree.tokens[:, -width:], base + block_offsets(tree)[:, -width:], mask)
+            return torch.log_softmax(logits.float(), dim=-1)
+
+        tree = expand_tree(root, child_logprobs, depth=depth, width=width)
+        fed = tree.tokens.shape[1] - width  # the deepest level is not fed: its accepted node lags
+        self.block_size = int(self.slot) + 1 + fed
+        self.unfed_from = 1 + fed
+        return tree
 
     def commit(self, block: torch.Tensor, kept: list[list[int]], target_hidden: torch.Tensor | None) -> None:
         slot = int(self.slot)

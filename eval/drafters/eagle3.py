@@ -34,8 +34,8 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from specdec.eval import kv
-from specdec.eval.drafters import ChainProposal, register_drafter
-from specdec.eval.tree import DraftTree, ancestor_mask
+from specdec.eval.drafters import ChainProposal, DrafterLoadError
+from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, expand_tree
 from specdec.eval.verify import Sampling, to_probs
 
 
@@ -107,6 +107,21 @@ class Eagle3Model(nn.Module):
         steps: int,
     ) -> torch.Tensor:
         """The training-time test: draft logits [B, K, T, V_d]; step k at t predicts x_{t+k+2}."""
+        outputs = self.unroll_outputs(
+            target_hidden=target_hidden, next_ids=next_ids, attention_mask=attention_mask, steps=steps
+        )
+        return self.logits(outputs)
+
+    def unroll_outputs(
+        self,
+        *,
+        target_hidden: torch.Tensor,  # [B, T, 3, H]
+        next_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor,  # [B, T]
+        steps: int,
+    ) -> torch.Tensor:
+        """The layer outputs o [B, K, T, H] of the training-time test, before the norm and the LM head:
+        training applies the head only where the loss counts."""
         batch, time = next_ids.shape
         layer, attention = self.midlayer, self.midlayer.self_attn
         features = self.fc(target_hidden.flatten(2))
@@ -114,7 +129,7 @@ class Eagle3Model(nn.Module):
         causal = torch.ones(time, time, dtype=torch.bool, device=next_ids.device).tril()
         visible = causal[None] & attention_mask.bool()[:, None, :]  # step-0 keys: s <= t, real
         scale = 1 / math.sqrt(attention.head_dim)
-        keys, values, logits = [], [], []
+        keys, values, outputs = [], [], []
         for step in range(steps):
             ids = torch.nn.functional.pad(next_ids[:, step:], (0, step))  # x_{t+1+step}
             cos, sin = self.rotary_emb(features, positions + step)
@@ -132,8 +147,8 @@ class Eagle3Model(nn.Module):
                 attended = attended + weights[..., time + index, None] * value
             attended = attended.transpose(1, 2).reshape(batch, time, -1)
             features = layer.finish(features, attended)
-            logits.append(self.logits(features))
-        return torch.stack(logits, dim=1)
+            outputs.append(features)
+        return torch.stack(outputs, dim=1)
 
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"  # the class name SGLang loads (shared/reference/ecosystem.md 1a)
@@ -183,10 +198,6 @@ def save_eagle3(model: Eagle3Model, directory: str | Path, *, target_config: Pre
     return directory
 
 
-class DrafterLoadError(ValueError):
-    pass
-
-
 def is_eagle3_dir(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     return config.is_file() and EAGLE3_ARCHITECTURE in json.loads(config.read_text()).get("architectures", [])
@@ -215,7 +226,6 @@ def load_eagle3(directory: str | Path, target: nn.Module) -> tuple[Eagle3Model, 
     return draft.to(dtype=dtype).eval(), tuple(config["specdec_target_layers"])
 
 
-@register_drafter("eagle3")
 class Eagle3Drafter:
     """The engine's session over an Eagle3Model. Its cache holds one entry per accepted position t,
     built from the target's features h_t and the next token x_{t+1}. A step first feeds the entries
@@ -318,32 +328,31 @@ class Eagle3Drafter:
 
     @torch.inference_mode()
     def propose_tree(self, pending: torch.Tensor, depth: int, width: int) -> DraftTree:
-        """EAGLE-2's expansion: each level keeps the `width` nodes of highest path log-probability;
-        a level is fed as `width` entries at one position, each seeing the cache, its ancestors and
-        itself, with its parent's output as features. The deepest level is not fed."""
+        """EAGLE-2's expansion (`expand_tree`) on draft-vocabulary log-probabilities. A level is fed
+        as `width` entries at its depth, each seeing the cache, its ancestors and itself, with its
+        parent's output as features. The deepest level is not fed."""
         batch, device = len(pending), pending.device
         feature = self._feed_queue(pending)
         if feature is None:  # nothing to draft from: a tree of repeats, as the chain does
             tokens = pending[:, None].expand(-1, depth * width)
             parents = torch.arange(-width, (depth - 1) * width, device=device).clamp(min=-1).expand(batch, -1)
-            return DraftTree(tokens, parents, depth=depth, width=width)
-        scores, draft_ids = torch.log_softmax(self.model.logits(feature)[:, -1].float(), dim=-1).topk(width, dim=-1)
-        all_tokens = [self._target_ids(draft_ids)]
-        all_parents = [torch.full((batch, width), -1, device=device)]
-        parent_features = feature.expand(-1, width, -1)
-        for level in range(1, depth):
-            tree = DraftTree(torch.cat(all_tokens, 1), torch.cat(all_parents, 1), depth=level, width=width)
+            return DraftTree(tokens, parents)
+        outputs = [feature]  # [B, n, H] blocks: the root's output, then each fed level's, in node order
+
+        def child_logprobs(tree: DraftTree) -> torch.Tensor:
+            fed = torch.cat(outputs, dim=1)  # [B, 1 + fed nodes, H]; entry 0 is the root
+            parents = (tree.parents[:, -width:] + 1)[..., None].expand(-1, -1, fed.shape[-1])
             visible = torch.cat(
                 [self.mask.bool()[:, None, :].expand(-1, width, -1), ancestor_mask(tree)[:, -width:, 1:]], dim=2
             )
-            offsets = torch.full((batch, width), level - 1, device=device)
-            outputs = self._attend(parent_features, all_tokens[-1], offsets, visible)  # [B, W, H]
-            child_scores, child_ids = torch.log_softmax(self.model.logits(outputs).float(), -1).topk(width, dim=-1)
-            scores, best = (scores[:, :, None] + child_scores).flatten(1).topk(width, dim=-1)
-            all_tokens.append(self._target_ids(child_ids.flatten(1).gather(1, best)))
-            all_parents.append((level - 1) * width + best // width)
-            parent_features = outputs.gather(1, (best // width)[..., None].expand(-1, -1, outputs.shape[-1]))
-        return DraftTree(torch.cat(all_tokens, 1), torch.cat(all_parents, 1), depth=depth, width=width)
+            offsets = block_offsets(tree)[:, -width:] - 1  # a node sits one past its parent's position
+            tokens = self._target_ids(tree.tokens[:, -width:])
+            outputs.append(self._attend(fed.gather(1, parents), tokens, offsets, visible))  # [B, W, H]
+            return torch.log_softmax(self.model.logits(outputs[-1]).float(), dim=-1)
+
+        root = torch.log_softmax(self.model.logits(feature)[:, -1].float(), dim=-1)
+        tree = expand_tree(root, child_logprobs, depth=depth, width=width)
+        return DraftTree(self._target_ids(tree.tokens), tree.parents)
 
     def commit(self, block: torch.Tensor, kept: list[list[int]], target_hidden: torch.Tensor | None) -> None:
         # Drop the draft's own entries; queue the target's features of the accepted tokens.

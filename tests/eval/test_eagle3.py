@@ -83,7 +83,7 @@ def test_the_embedding_is_shared_frozen_and_gets_no_gradient() -> None:
 
 
 # The session inside the engine: a random head over a tiny target.
-from specdec.eval import SpecConfig, generate  # noqa: E402
+from specdec.eval import ChainProposal, SpecConfig, generate  # noqa: E402
 from specdec.eval.drafters.eagle3 import Eagle3Drafter  # noqa: E402
 from specdec.eval.verify import Sampling  # noqa: E402
 from tests.eval.helpers import hf_greedy, tiny_lm  # noqa: E402
@@ -218,3 +218,75 @@ def test_tree_drafts_children_are_the_top_tokens_under_their_parent() -> None:
     assert [(parent, child) for _, parent, child in best] == list(
         zip(tree.parents[0, 2:].tolist(), tree.tokens[0, 2:].tolist(), strict=True)
     )
+
+
+# fp32 throughout: the engine's session reads target features from cached, left-padded, batched
+# forwards and a fresh one from a plain forward, so they differ by float32 rounding (2e-7 seen on
+# these logits of size ~1); a queued entry one position off moves them by 3e-3.
+SESSION_RTOL, SESSION_ATOL = 1e-5, 1e-5
+
+
+def test_after_commits_the_session_drafts_what_a_fresh_session_on_the_accepted_prefix_drafts() -> None:
+    """B = 3 prompts of different lengths (left padding), a planned number of accepted drafts that
+    differs per row and step (the drafts are replaced by the target's continuation up to it): at
+    every step, each row drafts the tokens and logits of a fresh session begun on its accepted prefix."""
+    prompts = [[1, 5, 7, 9, 11], [1, 3, 8], [1, 20, 21, 22, 23, 24, 25, 30]]
+    new_tokens, k = 16, 3
+    references = [hf_greedy(TARGET, prompt, new_tokens) for prompt in prompts]
+    head = _head(32)
+    logits_seen = []  # [B, V_d] per draft step, read at the LM head
+    hook = head.lm_head.register_forward_hook(lambda module, args, output: logits_seen.append(output[:, -1]))
+    session, records = Eagle3Drafter(head, LAYERS), []
+
+    class Planned:
+        target_layers = LAYERS
+
+        def begin(self, input_ids, attention_mask, target_hidden) -> None:
+            session.begin(input_ids, attention_mask, target_hidden)
+            self.rows, self.done, self.step = [0, 1, 2], [0, 0, 0], 0
+
+        def propose_chain(self, pending, k, sampling, generator) -> ChainProposal:
+            logits_seen.clear()
+            proposal = session.propose_chain(pending, k, sampling, generator)
+            logits, drafts = torch.stack(logits_seen, dim=1), proposal.tokens.clone()  # [B, K, V_d], [B, K]
+            for row, index in enumerate(self.rows):
+                records.append((index, self.done[index], proposal.tokens[row], logits[row]))
+                accept = (self.step + index) % (k + 1)
+                ahead = references[index][self.done[index] : self.done[index] + k]
+                ahead += [0] * (k - len(ahead))
+                drafts[row, :accept] = torch.tensor(ahead[:accept])
+                if accept < k:
+                    drafts[row, accept] = (ahead[accept] + 1) % 64  # rejected
+            self.step += 1
+            return ChainProposal(drafts, None)
+
+        def commit(self, block, kept, target_hidden) -> None:
+            for index, offsets in zip(self.rows, kept, strict=True):
+                self.done[index] += len(offsets)
+            session.commit(block, kept, target_hidden)
+
+        def select_rows(self, rows) -> None:
+            self.rows = [self.rows[r] for r in rows.tolist()]
+            session.select_rows(rows)
+
+    try:
+        result = generate(
+            TARGET, prompts, drafter=Planned(), cfg=SpecConfig(k=k, max_new_tokens=new_tokens), eos_token_ids=set()
+        )
+        assert result.new_tokens == references
+        assert len({tuple(row) for row in result.accepted}) == 3  # the rows advanced differently
+        assert len(records) > 3 * 5
+        for index, done, tokens, logits in records:
+            prefix = torch.tensor([prompts[index] + references[index][:done]])
+            with torch.no_grad():
+                hidden = TARGET(prefix[:, :-1], output_hidden_states=True).hidden_states
+            fresh = Eagle3Drafter(head, LAYERS)
+            fresh.begin(
+                prefix[:, :-1], torch.ones_like(prefix[:, :-1]), torch.stack([hidden[i] for i in LAYERS], dim=2)
+            )
+            logits_seen.clear()
+            expected = fresh.propose_chain(prefix[:, -1], k, Sampling(), None)
+            assert tokens.tolist() == expected.tokens[0].tolist(), (index, done)
+            torch.testing.assert_close(logits, torch.stack(logits_seen, dim=1)[0], rtol=SESSION_RTOL, atol=SESSION_ATOL)
+    finally:
+        hook.remove()
