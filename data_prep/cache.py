@@ -83,10 +83,15 @@ def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return values.float() * scale.unsqueeze(-1)
 
 
+def temporary_path(path: Path) -> Path:
+    """Where a file is written before it is renamed to `path`. The name carries the writer's host and
+    pid, so that `remove_dead_writers_files` can tell whose it is."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename: readers see all or nothing. The
-    name carries the writer's host and pid, so that `remove_dead_writers_files` can tell whose it is."""
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    """Write to a temporary name in the same directory, then rename: readers see all or nothing."""
+    tmp = temporary_path(path)
     with tmp.open("wb") as file:
         file.write(data)
         file.flush()

@@ -20,7 +20,7 @@ from specdec.data_prep import (
     prepare_cache,
 )
 from specdec.eval import CausalLMDrafter
-from specdec.eval.drafters.eagle3 import DrafterLoadError, Eagle3Drafter, is_eagle3_dir, load_eagle3
+from specdec.eval.drafters import DrafterLoadError
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
 from specdec.eval.prompts import PromptError, load_prompts
 from specdec.trainer.config import (
@@ -32,8 +32,10 @@ from specdec.trainer.config import (
     recipe_summary,
     to_yaml,
 )
+from specdec.trainer.drafters import saved_kind
 from specdec.trainer.module import TrainingDiverged
-from specdec.trainer.train import eos_token_ids, spec_config, train, untrained_like
+from specdec.trainer.registry import UnknownName
+from specdec.trainer.train import eos_token_ids, spec_config, train
 
 log = logging.getLogger("specdec")
 
@@ -43,7 +45,7 @@ GROUPS = {
     "target": "the frozen target: path (Hub id, directory or .gguf), revision, gguf_file, dtype",
     "draft": "the drafter, chosen by draft.name, and its own fields",
     "data": "conversations: path, format, max_samples, allow_truncated, on_bad_row, max_length, regenerate, ...",
-    "cache": "the hidden-state cache: dir, layers, dtype (bf16, fp8), topk, overwrite, shard_tokens, batch_tokens",
+    "cache": "the hidden-state cache: dir, layers, dtype (bf16, fp8), overwrite, shard_tokens, batch_tokens",
     "objective": "objectives by name, each with a weight and its own fields",
     "trainer": "arguments of lightning.Trainer (devices, strategy, precision, max_steps, ...)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
@@ -102,6 +104,7 @@ def _main(prog: str, purpose: str, stage, argv: list[str] | None) -> int:
         PromptError,
         TrainingDiverged,
         DrafterLoadError,
+        UnknownName,
     ) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -181,10 +184,11 @@ def _eval(cfg: SpecdecConfig) -> None:
     prompts = load_prompts(
         cfg.eval.bench, target.tokenizer, num_prompts=cfg.eval.num_prompts, chat_template=cfg.data.chat_template
     )
-    if is_eagle3_dir(cfg.eval.drafter):  # trained by specdec-train: compare with its untrained start
-        trained, layers = load_eagle3(cfg.eval.drafter, target.model)
-        untrained = untrained_like(trained, target.model, seed=cfg.run.seed)
-        drafters = {"trained": Eagle3Drafter(trained, layers), "untrained": Eagle3Drafter(untrained, layers)}
+    kind = saved_kind(cfg.eval.drafter)
+    if kind is not None:  # trained by specdec-train: compare with its untrained start
+        trained, layers = kind.load(Path(cfg.eval.drafter), target.model)
+        untrained = kind.untrained_like(trained, target.model, cfg.run.seed)
+        drafters = {"trained": kind.session(trained, layers), "untrained": kind.session(untrained, layers)}
     else:
         draft = load_target(TargetConfig(path=cfg.eval.drafter, dtype=cfg.target.dtype), key="eval.drafter")
         check_same_tokenizer(
@@ -213,4 +217,4 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     purpose = "Export a trained drafter for vLLM or SGLang, with a model card, and push it to the Hub."
-    return _main("specdec-export", purpose, lambda cfg: _say_not_built("Export", 10), argv)
+    return _main("specdec-export", purpose, lambda cfg: _say_not_built("Export", 18), argv)

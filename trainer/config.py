@@ -3,7 +3,8 @@
 A recipe (recipes/NAME.yaml) names `schema` first in its defaults list and fills in what differs;
 Hydra composes it with the command line's `key=value` overrides and this module checks the result.
 `draft` and `objective` are chosen by name, so their fields come from the dataclass registered
-under that name (DRAFTS, OBJECTIVES); everything else is fixed by the schema. Every problem is
+under that name (specdec.trainer.drafters, specdec.trainer.objectives); everything else is fixed by
+the schema. Every problem is
 collected and reported at once, with its dotted key, as a `RecipeError`.
 """
 
@@ -20,6 +21,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from specdec.data_prep import CacheConfig, DataConfig, TargetConfig, asset_path
+from specdec.trainer.drafters import DRAFTERS
+from specdec.trainer.objectives import OBJECTIVES
 
 # `${asset:NAME}` in a recipe is the path of a file shipped in a PyPI wheel (specdec.data_prep.assets).
 OmegaConf.register_new_resolver("asset", lambda name: str(asset_path(name)), replace=True)
@@ -29,19 +32,10 @@ class RecipeError(ValueError):
     pass
 
 
-# ---- drafters, chosen by draft.name ----
-
-
-@dataclass
-class Eagle3DraftConfig:
-    """EAGLE-3 (Li et al., arXiv 2503.01840): one decoder layer over fused target layers."""
-
-    name: str = "eagle3"
-    vocab_size: int = 32000  # draft vocabulary: the most frequent target tokens (EAGLE-3 reference code)
-
-    def target_layers(self, num_layers: int) -> list[int]:
-        """Entering layers 2, N//2 and N-3 (EAGLE-3 reference code), and the final normed state N."""
-        return [2, num_layers // 2, num_layers - 3, num_layers]
+# ---- drafters and objectives, chosen by name ----
+# The built ones register with their config dataclass (specdec.trainer.drafters, .objectives). The
+# recipes of the drafters that later issues bring already check against these dataclasses; training
+# them stops with the issue's number.
 
 
 @dataclass
@@ -70,50 +64,6 @@ class CtcDraftConfig:
         return [num_layers]
 
 
-DRAFTS: dict[str, type] = {"eagle3": Eagle3DraftConfig, "pard": PardDraftConfig, "ctc": CtcDraftConfig}
-
-
-# ---- objectives, combined by weight: objective.NAME.weight ----
-
-
-@dataclass
-class TttConfig:
-    """EAGLE-3 training-time test: unroll the drafter on its own hidden states."""
-
-    weight: float = 1.0
-    steps: int = 7  # EAGLE-3 reference code
-    decay: float = 0.8  # loss weight decay**k at unrolled step k (EAGLE-3 reference code)
-
-
-@dataclass
-class KdConfig:
-    """Soft-label cross entropy to the target's distribution."""
-
-    weight: float = 1.0
-
-
-@dataclass
-class ExpectedAcceptConfig:
-    """Minus the closed-form expected accepted length over the unrolled steps."""
-
-    weight: float = 1.0
-
-
-@dataclass
-class LkAlphaConfig:
-    """LK loss, -log alpha."""
-
-    weight: float = 1.0
-
-
-@dataclass
-class LkHybridConfig:
-    """LK loss, lambda * KL + (1 - lambda) * (1 - alpha) with lambda = exp(-kl_decay * sg(alpha))."""
-
-    weight: float = 1.0
-    kl_decay: float = 1.0  # SpecForge's and speculators' typed default; SpecForge's legacy CLI used 3
-
-
 @dataclass
 class PardConfig:
     """PARD cross entropy over K mask blocks with conditional drop-token (COD)."""
@@ -132,15 +82,25 @@ class CtcConfig:
     label_len: int = 3  # target tokens per window (released code `fixlen`)
 
 
-OBJECTIVES: dict[str, type] = {
-    "ttt": TttConfig,
-    "kd": KdConfig,
-    "expected_accept": ExpectedAcceptConfig,
-    "lk_alpha": LkAlphaConfig,
-    "lk_hybrid": LkHybridConfig,
-    "pard": PardConfig,
-    "ctc": CtcConfig,
-}
+# name -> (config dataclass, the issue that builds it)
+PLANNED_DRAFTERS: dict[str, tuple[type, int]] = {"pard": (PardDraftConfig, 17), "ctc": (CtcDraftConfig, 20)}
+PLANNED_OBJECTIVES: dict[str, tuple[type, int]] = {"pard": (PardConfig, 17), "ctc": (CtcConfig, 20)}
+
+
+def draft_configs() -> dict[str, type]:
+    """draft.name -> its dataclass: the registered drafters, then the planned ones."""
+    return {
+        **{name: kind.config for name, kind in DRAFTERS.items()},
+        **{name: config for name, (config, _) in PLANNED_DRAFTERS.items()},
+    }
+
+
+def objective_configs() -> dict[str, type]:
+    """objective name -> its dataclass: the registered objectives, then the planned ones."""
+    return {
+        **{name: objective.config for name, objective in OBJECTIVES.items()},
+        **{name: config for name, (config, _) in PLANNED_OBJECTIVES.items()},
+    }
 
 
 # ---- the loop, the optimizer, eval, export, the run ----
@@ -181,7 +141,9 @@ class OptimConfig:
 class EvalConfig:
     """Tau measured by the engine and verifier of specdec.eval, in specdec-eval and the eval hook."""
 
-    drafter: str | None = None  # specdec-eval: a causal LM (directory or Hub id) sharing the target's tokenizer
+    # specdec-eval: a drafter saved by specdec-train (run.dir/drafter, measured beside its untrained
+    # start), or a causal LM (directory or Hub id) that shares the target's tokenizer
+    drafter: str | None = None
     bench: str = "mtbench"  # mtbench | humaneval | sharegpt | a jsonl file of prompts
     num_prompts: int = 32
     max_new_tokens: int = 128
@@ -217,10 +179,10 @@ class RunConfig:
 @dataclass
 class SpecdecConfig:
     target: TargetConfig = field(default_factory=lambda: TargetConfig(path=MISSING))
-    draft: Any = field(default_factory=dict)  # one of DRAFTS, by draft.name
+    draft: Any = field(default_factory=dict)  # one of draft_configs(), by draft.name
     data: DataConfig = field(default_factory=lambda: DataConfig(path=MISSING))
     cache: CacheConfig = field(default_factory=CacheConfig)
-    objective: Any = field(default_factory=dict)  # name -> one of OBJECTIVES
+    objective: Any = field(default_factory=dict)  # name -> one of objective_configs()
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -267,7 +229,6 @@ _RANGES = [
     ("data.regenerate_temperature", lambda v: v >= 0, "0 (greedy) or a positive temperature"),
     ("data.regenerate_batch_size", lambda v: v > 0, "a positive number of conversations"),
     ("data.max_turns", lambda v: v is None or v > 0, "null (every turn) or a positive number of turns"),
-    ("cache.topk", lambda v: v >= 0, "0 (none) or a positive k"),
     ("cache.shard_tokens", lambda v: v > 0, "a positive number of tokens"),
     ("cache.batch_tokens", lambda v: v > 0, "a positive number of tokens"),
     ("data.batch_size", lambda v: v > 0, "a positive number of sequences"),
@@ -296,28 +257,38 @@ def validate(cfg: DictConfig) -> SpecdecConfig:
     OmegaConf.resolve(cfg)
     problems = [f"{key}: required, but the recipe does not set it" for key in sorted(_missing(cfg))]
 
+    drafts, objective_types = draft_configs(), objective_configs()
     draft_name = cfg.draft.get("name")
-    if draft_name not in DRAFTS:
-        problems.append(f"draft.name: {draft_name!r} is not a drafter; choose one of {', '.join(DRAFTS)}")
+    if draft_name not in drafts:
+        problems.append(f"draft.name: {draft_name!r} is not a drafter; choose one of {', '.join(drafts)}")
         draft = None
     else:
-        draft = _typed(DRAFTS[draft_name], OmegaConf.to_container(cfg.draft), "draft", problems)
+        draft = _typed(drafts[draft_name], OmegaConf.to_container(cfg.draft), "draft", problems)
 
     if not cfg.objective:
-        problems.append(f"objective: empty; give at least one of {', '.join(OBJECTIVES)} with a weight")
+        problems.append(f"objective: empty; give at least one of {', '.join(objective_types)} with a weight")
     objectives = {}
     for name, values in cfg.objective.items():
-        if name not in OBJECTIVES:
-            problems.append(f"objective.{name}: not an objective; choose from {', '.join(OBJECTIVES)}")
+        if name not in objective_types:
+            problems.append(f"objective.{name}: not an objective; choose from {', '.join(objective_types)}")
             continue
         if values is None:
             problems.append(
                 f"objective.{name}: null; give its fields ({{}} for the defaults) or drop it with ~objective.{name}"
             )
             continue
-        objectives[name] = _typed(OBJECTIVES[name], OmegaConf.to_container(values), f"objective.{name}", problems)
+        objectives[name] = _typed(objective_types[name], OmegaConf.to_container(values), f"objective.{name}", problems)
         if objectives[name].weight <= 0:
             problems.append(f"objective.{name}.weight: {objectives[name].weight}; expected a positive weight")
+
+    kind = DRAFTERS.get(draft_name)
+    for name in objectives:
+        needs = set(OBJECTIVES[name].inputs) if name in OBJECTIVES else set()
+        if kind is not None and not needs <= kind.inputs:
+            problems.append(
+                f"objective.{name}: takes {', '.join(sorted(needs - kind.inputs))}, which draft.name={draft_name} "
+                f"does not give (it gives {', '.join(sorted(kind.inputs))}); choose another objective or drafter"
+            )
 
     for key, check, expected in _RANGES:
         value = OmegaConf.select(cfg, key)

@@ -9,7 +9,10 @@ A batch is a dict of
     hidden          [B, T, L, H] bfloat16, the cached target layers (offline only; online the
                                  module computes the same field from the target)
 Resuming needs no sampler state: the batches of an epoch are fixed by (seed, epoch), and the
-first epoch after a restart skips the batches the restored global step has already trained on.
+sampler is a cursor over that sequence of epochs that a restart places at the restored global step.
+It does not use Lightning's epoch counter, which a checkpoint written at the first batch of an epoch
+restores one too high (Lightning-AI/pytorch-lightning#18060: the batch progress is saved before the
+batch counts as completed), so `train` also turns max_epochs into max_steps.
 """
 
 from collections.abc import Iterator, Sequence
@@ -83,28 +86,38 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 class LengthBucketBatches(Sampler[list[int]]):
-    """One rank's batches of an epoch: a permutation seeded by (seed, epoch), cut into buckets of
-    `bucket` batches whose samples are sorted by length (less padding), then the batches in a
-    seeded order. Every rank gets the same number of batches; the last incomplete one is dropped."""
+    """One rank's batches: epoch e is a permutation seeded by (seed, e), cut into buckets of `bucket`
+    batches whose samples are sorted by length (less padding), then the batches in a seeded order.
+    Every rank gets the same number of batches, a multiple of `accumulate` (whole optimizer steps,
+    so that a step never spans two epochs); the batches left over are dropped.
+
+    The sampler is a cursor: `position` counts this rank's batches since the start of training, and
+    each iteration yields the rest of the epoch the cursor is in. A restart sets `position` from the
+    restored step; nothing else about the order is state."""
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, *, seed: int, rank: int = 0, world: int = 1, bucket: int = 32
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        accumulate: int = 1,
+        bucket: int = 32,
     ) -> None:
-        if len(lengths) < batch_size * world:
+        if len(lengths) < batch_size * world * accumulate:
+            step = f"{accumulate} batches of {batch_size}" if accumulate > 1 else f"one batch of {batch_size}"
             raise ValueError(
-                f"{len(lengths)} samples cannot fill one batch of {batch_size} on each of {world} ranks; "
-                "lower data.batch_size or give more data (data.max_samples)."
+                f"{len(lengths)} samples cannot fill {step} on each of {world} ranks; lower data.batch_size or "
+                "trainer.accumulate_grad_batches, or give more data (data.max_samples)."
             )
         self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
-        self.rank, self.world, self.bucket = rank, world, bucket
-        self.epoch = 0
-        self.resume_from = 0  # batches of this rank already trained, counted from epoch 0
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
-        self.epoch = epoch
+        self.rank, self.world, self.accumulate, self.bucket = rank, world, accumulate, bucket
+        self.position = 0
 
     def __len__(self) -> int:
-        return len(self.lengths) // self.batch_size // self.world
+        return len(self.lengths) // self.batch_size // self.world // self.accumulate * self.accumulate
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         generator = np.random.default_rng([self.seed, epoch])
@@ -120,9 +133,15 @@ class LengthBucketBatches(Sampler[list[int]]):
         return batches[: len(self) * self.world][self.rank :: self.world]
 
     def __iter__(self) -> Iterator[list[int]]:
-        skip = min(max(self.resume_from - self.epoch * len(self), 0), len(self))
-        self.resume_from = 0
-        yield from self.epoch_batches(self.epoch)[skip:]
+        epoch, skip = divmod(self.position, len(self))
+        for batch in self.epoch_batches(epoch)[skip:]:
+            self.position += 1
+            yield batch
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, *, world: int, accumulate: int) -> int:
+    """Optimizer steps in one epoch of LengthBucketBatches."""
+    return num_samples // batch_size // world // accumulate
 
 
 class DrafterData(L.LightningDataModule):
@@ -140,7 +159,8 @@ class DrafterData(L.LightningDataModule):
             seed=self.seed,
             rank=trainer.global_rank if trainer else 0,
             world=trainer.world_size if trainer else 1,
+            accumulate=trainer.accumulate_grad_batches if trainer else 1,
         )
         if trainer is not None:  # after a restart: the batches behind the restored step were trained on
-            batches.resume_from = trainer.global_step * trainer.accumulate_grad_batches
+            batches.position = trainer.global_step * trainer.accumulate_grad_batches
         return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate)

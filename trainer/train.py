@@ -10,7 +10,6 @@ measures the trained drafter and its untrained start against plain decoding, in 
     run.dir/eval.json, eval.png    the final report (eval.out)
 """
 
-import copy
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from transformers import PreTrainedModel
 
 from specdec.data_prep import (
     CacheError,
@@ -37,15 +35,15 @@ from specdec.data_prep import (
     prepare_cache,
     training_samples,
 )
+from specdec.data_prep.cache import remove_dead_writers_files, temporary_path
 from specdec.data_prep.prep import distributed_rank
 from specdec.eval import Sampling, SpecConfig
-from specdec.eval.drafters.eagle3 import Eagle3Drafter, Eagle3Model, load_eagle3, save_eagle3
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
 from specdec.eval.hook import SpecEvalCallback
 from specdec.eval.prompts import PromptError, load_prompts
-from specdec.trainer.config import RecipeError, SpecdecConfig
-from specdec.trainer.data import CachedSamples, DrafterData, TokenSamples
-from specdec.trainer.draft_vocab import count_loss_tokens, draft_vocab
+from specdec.trainer.config import PLANNED_DRAFTERS, PLANNED_OBJECTIVES, RecipeError, SpecdecConfig
+from specdec.trainer.data import CachedSamples, DrafterData, TokenSamples, steps_per_epoch
+from specdec.trainer.drafters import drafter_kind
 from specdec.trainer.module import DrafterModule
 
 log = logging.getLogger(__name__)
@@ -53,9 +51,6 @@ log = logging.getLogger(__name__)
 # DrafterData resumes by skipping the batches the restored step trained on (their order is a
 # function of seed and epoch), so Lightning's warning about mid-epoch restarts does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-
-# Issues that bring the other drafters (DESIGN.md); the schema already knows their fields.
-_COMING = {"pard": 6, "ctc": 7}
 
 
 @dataclass(frozen=True)
@@ -68,11 +63,12 @@ class TrainResult:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temporary name and are renamed: a kill mid-save keeps the previous one."""
+    """Checkpoints go to a temporary name and are renamed: a kill mid-save keeps the previous one,
+    and the next run removes the killed writer's file (remove_dead_writers_files)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_path(path)
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
 
@@ -125,37 +121,19 @@ def training_set(cfg: SpecdecConfig, target: Target, layers: list[int], progress
     return CachedSamples(HiddenStateCache(cfg.cache.dir, expected_key=key))
 
 
-def build_draft(cfg: SpecdecConfig, target: Target, dataset) -> Eagle3Model:
-    counts = count_loss_tokens(dataset.token_samples(), target.model.config.vocab_size)
-    d2t, t2d = draft_vocab(counts, cfg.draft.vocab_size)
-    share = counts[t2d].sum().item() / max(counts.sum().item(), 1)
-    log.info("draft vocabulary: %d tokens cover %.1f%% of the loss tokens", len(d2t), 100 * share)
-    return new_eagle3(target.model, d2t, t2d, seed=cfg.run.seed)
-
-
-def new_eagle3(target: PreTrainedModel, d2t: torch.Tensor, t2d: torch.Tensor, *, seed: int) -> Eagle3Model:
-    """A freshly initialised float32 EAGLE-3 drafter over a draft vocabulary; the same for the same seed."""
-    L.seed_everything(seed, verbose=False)
-    draft = Eagle3Model(target.config, draft_vocab_size=len(d2t), embed_tokens=target.get_input_embeddings())
-    draft.d2t.copy_(d2t)
-    draft.t2d.copy_(t2d)
-    return draft  # float32 (the default dtype); the shared embedding stays in the target's dtype
-
-
-def untrained_like(draft: Eagle3Model, target: PreTrainedModel, *, seed: int) -> Eagle3Model:
-    """The start of a drafter trained with `seed` (same vocabulary, same init), in the target's dtype:
-    the baseline every report measures beside the trained drafter."""
-    return new_eagle3(target, draft.d2t, draft.t2d, seed=seed).to(target.dtype).eval()
-
-
-def serving_copy(draft: Eagle3Model, dtype: torch.dtype) -> Eagle3Model:
-    """The drafter as it is served (in `dtype`, eval mode), sharing the target's embedding, which
-    stays as it is: what the hook measures while the module keeps its float32 weights."""
-    served = copy.deepcopy(draft, memo={id(draft.embed_tokens): draft.embed_tokens})
-    for child in served.children():
-        if child is not draft.embed_tokens:
-            child.to(dtype)
-    return served.eval()
+def check_built(cfg: SpecdecConfig) -> None:
+    """Refuse a recipe whose drafter or objectives a later issue brings (their fields check out)."""
+    planned = [
+        f"objective.{name} (issue #{PLANNED_OBJECTIVES[name][1]})"
+        for name in cfg.objective
+        if name in PLANNED_OBJECTIVES
+    ]
+    if cfg.draft.name in PLANNED_DRAFTERS:
+        planned.insert(0, f"draft.name={cfg.draft.name} (issue #{PLANNED_DRAFTERS[cfg.draft.name][1]})")
+    if planned:
+        raise RecipeError(
+            f"{', '.join(planned)}: training this is not built yet; the recipe checked out and its config is saved."
+        )
 
 
 def train(
@@ -169,22 +147,18 @@ def train(
     if draft_init is not None:
         draft_tokenizer = load_tokenizer(TargetConfig(path=draft_init), key="draft.init")
         check_same_tokenizer(target.tokenizer, draft_tokenizer, target_name=cfg.target.path, draft_name=draft_init)
-    if cfg.draft.name in _COMING:
-        raise RecipeError(
-            f"draft.name={cfg.draft.name}: training this drafter is not built yet (issue #{_COMING[cfg.draft.name]}); "
-            "draft.name=eagle3 is."
-        )
+    check_built(cfg)
+    kind = drafter_kind(cfg.draft.name)
     layers = target_layers(cfg, target)
     dataset = training_set(cfg, target, layers, progress)
-    draft = build_draft(cfg, target, dataset)
-    untrained = untrained_like(draft, target.model, seed=cfg.run.seed)
-    # unrolled draft steps: the training-time test's own count, else the chain length served
-    steps = cfg.objective["ttt"].steps if "ttt" in cfg.objective else cfg.eval.k
+    draft = kind.build(cfg.draft, target, dataset.token_samples(), cfg.run.seed)
+    untrained = kind.untrained_like(draft, target.model, cfg.run.seed)
     module = DrafterModule(
         draft,
+        kind=kind,
+        draft_cfg=cfg.draft,
         objectives=cfg.objective,
         optim=cfg.optim,
-        steps=steps,
         lm_head=target.model.get_output_embeddings().weight,
         target=target.model if cfg.cache.online else None,
         layers=layers,
@@ -208,7 +182,7 @@ def train(
     hook = SpecEvalCallback(
         target=target.model,
         prompts=hook_prompts,
-        make_drafter=lambda module: Eagle3Drafter(serving_copy(module.draft, target.model.dtype), feature_layers),
+        make_drafter=lambda module: kind.session(kind.serving_copy(module.draft, target.model.dtype), feature_layers),
         cfg=spec,
         eos_token_ids=eos,
         every_n_steps=cfg.eval.every_n_steps,
@@ -238,12 +212,25 @@ def train(
         enable_progress_bar=progress,
     )
     data = DrafterData(dataset, batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    if cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs:
+        # Epochs as steps: Lightning's epoch count can come back one too high after a restart (data.py).
+        per_epoch = steps_per_epoch(
+            len(dataset), cfg.data.batch_size, world=trainer.world_size, accumulate=trainer.accumulate_grad_batches
+        )
+        trainer.fit_loop.epoch_loop.max_steps = cfg.trainer.max_epochs * per_epoch
+        trainer.fit_loop.max_epochs = -1
     resume = checkpoints / "last.ckpt"
+    if checkpoints.is_dir():
+        for path in remove_dead_writers_files(checkpoints):
+            log.info("removed %s, left by a run killed while saving", path)
     if resume.is_file():
         log.info("resuming from %s", resume)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume if resume.is_file() else None)
     train_seconds = time.perf_counter() - start
+    # ModelCheckpoint writes every n steps only: last.ckpt holds the final step too (a no-op rewrite
+    # when the last step was one of them)
+    trainer.save_checkpoint(resume)
 
     train_tokens = int(module.tokens_seen.item())
     final_tau = trainer.callback_metrics.get("eval/tau")  # the hook measures the last step too
@@ -252,15 +239,13 @@ def train(
         module.on_load_checkpoint(state)
         module.load_state_dict(state["state_dict"])
         log.info("drafter from %s (eval/tau %.3f)", best.best_model_path, best.best_model_score)
-    drafter_dir = save_eagle3(
-        module.draft, run_dir / "drafter", target_config=target.model.config, target_layers=feature_layers
-    )
-    trained, _ = load_eagle3(drafter_dir, target.model)
+    drafter_dir = kind.save(module.draft, run_dir / "drafter", target.model.config, feature_layers)
+    trained, _ = kind.load(drafter_dir, target.model)
     reports = {}
     if report and trainer.is_global_zero:
         reports = evaluate_drafters(
             target.model,
-            {"trained": Eagle3Drafter(trained, feature_layers), "untrained": Eagle3Drafter(untrained, feature_layers)},
+            {"trained": kind.session(trained, feature_layers), "untrained": kind.session(untrained, feature_layers)},
             report_prompts,
             cfg=spec,
             eos_token_ids=eos,

@@ -56,7 +56,7 @@ def test_config_goes_to_run_dir_and_hydra_leaves_cwd_alone(
     assert os.getcwd() == str(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run1"]  # no outputs/ or .hydra/
     assert compose_recipe("run1/config.yaml", []) == compose_recipe("tiny", ["run.dir=run1", "data.max_samples=3"])
-    assert "not built yet (issue #10)" in capsys.readouterr().out
+    assert "not built yet (issue #18)" in capsys.readouterr().out
 
 
 def test_train_on_the_tiny_recipe_runs_the_whole_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

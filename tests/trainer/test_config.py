@@ -8,32 +8,35 @@ import pytest
 from specdec.data_prep import assets
 from specdec.data_prep.assets import Asset
 from specdec.trainer.config import (
-    DRAFTS,
-    OBJECTIVES,
     PardConfig,
     PardDraftConfig,
     RecipeError,
     SpecdecConfig,
     TrainerConfig,
-    TttConfig,
     compose_recipe,
+    draft_configs,
+    objective_configs,
+    recipe_dir,
     recipe_names,
     to_yaml,
 )
+from specdec.trainer.objectives.ttt import TttConfig
 
-RECIPES = ["ctc_smollm2", "ctc_vicuna", "eagle3_llama3", "pard_llama3", "pard_smollm2", "smollm2_eagle3", "tiny"]
+# Every recipe the package ships: the yaml files beside specdec.recipes.
+RECIPES = recipe_names()
 
 
 def test_the_recipes_of_the_design_card_exist() -> None:
-    assert recipe_names() == RECIPES
+    assert sorted(path.stem for path in recipe_dir().glob("*.yaml")) == RECIPES
+    assert {"tiny", "smollm2_eagle3", "eagle3_llama3", "pard_llama3"} <= set(RECIPES)  # the card's and README's
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_composes_to_typed_sections(name: str) -> None:
     cfg = compose_recipe(name, [])
     assert isinstance(cfg, SpecdecConfig)
-    assert isinstance(cfg.draft, DRAFTS[cfg.draft.name])
-    assert cfg.objective and all(isinstance(c, OBJECTIVES[n]) for n, c in cfg.objective.items())
+    assert isinstance(cfg.draft, draft_configs()[cfg.draft.name])
+    assert cfg.objective and all(isinstance(c, objective_configs()[n]) for n, c in cfg.objective.items())
     assert cfg.run.dir == f"runs/{name}" and cfg.cache.dir == f"runs/{name}/cache"
 
 
@@ -56,7 +59,8 @@ def test_pard_llama3_carries_the_pard1_settings() -> None:
 def test_overrides_reach_the_named_draft_and_objective_without_plus() -> None:
     cfg = compose_recipe("tiny", ["draft.vocab_size=256", "objective.ttt.decay=0.5", "objective.kd.weight=0.1"])
     assert cfg.draft.vocab_size == 256
-    assert cfg.objective["ttt"] == TttConfig(weight=1.0, steps=3, decay=0.5)
+    assert cfg.objective["ttt"] == TttConfig(weight=1.0, decay=0.5)
+    assert cfg.draft.unroll_steps == 3
     assert cfg.objective["kd"].weight == 0.1
 
 
@@ -73,7 +77,7 @@ def test_all_problems_are_reported_at_once() -> None:
     assert message.startswith("recipe=tiny: ")
     for expected in (
         "draft.k: unknown key; Eagle3DraftConfig has: name, vocab_size",
-        "objective.foo: not an objective; choose from ttt, kd, expected_accept, lk_alpha, lk_hybrid, pard, ctc",
+        "objective.foo: not an objective; choose from expected_accept, kd, lk_alpha, lk_hybrid, ttt, pard, ctc",
         "optim.lr: -1.0; expected a positive learning rate",
         "eval.k: 0; expected at least one draft token",
     ):
@@ -90,7 +94,7 @@ def test_all_problems_are_reported_at_once() -> None:
         ("objective.ttt.weight=0", "objective.ttt.weight: 0.0; expected a positive weight"),
         (
             "~objective.ttt",
-            "objective: empty; give at least one of ttt, kd, expected_accept, lk_alpha, lk_hybrid, pard, ctc",
+            "objective: empty; give at least one of expected_accept, kd, lk_alpha, lk_hybrid, ttt, pard, ctc",
         ),
         ("target.path=???", "target.path: required, but the recipe does not set it"),
     ],

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specdec.trainer.draft_vocab import count_loss_tokens, draft_vocab
+from specdec.trainer.drafters.draft_vocab import count_loss_tokens, draft_vocab
 
 
 def test_only_loss_bearing_tokens_are_counted() -> None:

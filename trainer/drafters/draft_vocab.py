@@ -1,4 +1,4 @@
-"""The EAGLE-3 draft vocabulary: the `size` target tokens that most often carry the loss.
+"""A draft vocabulary: the `size` target tokens that most often carry the loss.
 
     used  = the `size` most frequent token ids where loss_mask is True (ties: lower id first),
             topped up with the lowest unused ids if fewer distinct tokens occur; sorted ascending

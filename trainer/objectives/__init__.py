@@ -1,21 +1,27 @@
-"""Training objectives, one per file, registered by name and combined by weight in a recipe.
+"""Training objectives, one per file, registered by name with their config and combined by weight
+in a recipe (`objective.NAME.weight` plus that objective's own fields).
 
-Every objective is a plain function of keyword-only tensors over K unrolled draft steps:
-    draft_logits  [B, K, T, V_d]  the draft's logits at step k, position t (predicting token t+k+1)
-    target_probs  [B, K, T, V_d]  the teacher on the draft vocabulary at the same place (no gradient)
-    loss_mask     [B, K, T] bool  True where the position counts
-and returns ObjectiveOutput(loss, metrics): the unweighted scalar and diagnostics. Softmax runs in
-float32; a batch with no valid position gives 0 with zero gradient. The config of each objective is
-the dataclass the recipe schema registers under the same name (specdec.trainer.config.OBJECTIVES).
-A new objective is one file here with `@register_objective(name)` and one import line below.
+An objective is a plain function of keyword-only tensors and `cfg`, its config dataclass. The
+tensors it declares are the ones the drafter's training side provides (specdec.trainer.drafters),
+e.g. for the multi-step objectives over K unrolled draft steps:
+    loss_mask     [B, K, T] bool  True where step k at position t counts; N = loss_mask.sum()
+    draft_logits  [N, V_d]        the draft's logits at those N places, in loss_mask.nonzero() order
+    target_probs  [N, V_d]        the teacher on the draft vocabulary at the same places (no gradient)
+Only the counted places carry logits: the drafter's LM head, the softmax and the loss never run
+where nothing is learned (a third or more of a chat's positions). `scatter_rows` puts per-place
+values back on the [B, K, T] grid. An objective returns ObjectiveOutput(loss, metrics): the
+unweighted scalar and diagnostics. Softmax runs in float32; a batch with no valid position gives 0
+with zero gradient. A new objective is one file
+here with `@register_objective(name, config=...)` and one import line below.
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from specdec.trainer.config import OBJECTIVES
+from specdec.trainer.registry import add_entry
 
 
 @dataclass(frozen=True)
@@ -24,24 +30,32 @@ class ObjectiveOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached diagnostics
 
 
-OBJECTIVE_FUNCTIONS: dict[str, Callable[..., ObjectiveOutput]] = {}
+@dataclass(frozen=True)
+class Objective:
+    function: Callable[..., ObjectiveOutput]
+    config: type  # its recipe dataclass: `weight` and the objective's own fields
+    inputs: tuple[str, ...]  # the tensors it takes, by keyword, from the drafter's training side
+
+    @property
+    def module(self) -> str:
+        return self.function.__module__
 
 
-def register_objective(name: str) -> Callable:
-    if name not in OBJECTIVES:
-        raise ValueError(
-            f"objective {name!r} has no config in specdec.trainer.config.OBJECTIVES ({', '.join(OBJECTIVES)}); "
-            "add its dataclass there first"
-        )
+OBJECTIVES: dict[str, Objective] = {}
 
+
+def register_objective(name: str, *, config: type) -> Callable:
     def register(function: Callable[..., ObjectiveOutput]) -> Callable[..., ObjectiveOutput]:
-        if name in OBJECTIVE_FUNCTIONS:
-            first = OBJECTIVE_FUNCTIONS[name].__module__
-            raise ValueError(f"objective {name!r} is registered twice: {first} and {function.__module__}")
-        OBJECTIVE_FUNCTIONS[name] = function
+        inputs = tuple(p for p in inspect.signature(function).parameters if p != "cfg")
+        add_entry(OBJECTIVES, name, Objective(function, config, inputs), kind="objective", module=function.__module__)
         return function
 
     return register
+
+
+def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values [N] of the N places where `mask` [B, K, T] is True, back on its grid; 0 elsewhere."""
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,12 +67,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 from specdec.trainer.objectives import expected_accept, kd, lk, ttt  # noqa: E402 (they register here)
 
 __all__ = [
-    "OBJECTIVE_FUNCTIONS",
+    "OBJECTIVES",
+    "Objective",
     "ObjectiveOutput",
     "expected_accept",
     "kd",
     "lk",
     "masked_mean",
     "register_objective",
+    "scatter_rows",
     "ttt",
 ]

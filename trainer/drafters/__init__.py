@@ -1,0 +1,73 @@
+"""Drafter kinds: everything the trainer, the CLI and the report need to know about one kind of
+drafter, registered by name (`draft.name` in a recipe) next to its implementation.
+
+A kind bundles plain functions over its nn.Module (which lives in specdec.eval.drafters, where the
+engine runs it): its recipe dataclass, how a fresh drafter is built and how its untrained start is
+rebuilt, how a training batch becomes the tensors its objectives take, the diagnostics logged every
+logging step, its inference session, and how it is saved and loaded. DrafterModule, the data
+module, `specdec-train`, `specdec-eval` and the benchmarks go through these alone, so a new kind is
+one file here with `register_drafter(name, DrafterKind(...))` and one import line below.
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from specdec.data_prep import Target
+from specdec.eval.drafters import Drafter
+from specdec.trainer.registry import add_entry, lookup
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DrafterKind:
+    config: type  # the recipe's `draft` dataclass; its target_layers(num_layers) names the cached layers
+    # (draft cfg, target, token samples {input_ids, loss_mask}, seed) -> a fresh float32 drafter
+    build: Callable[[object, Target, Iterable[Batch], int], nn.Module]
+    # (trained drafter, target model, seed) -> its untrained start in the target's dtype, eval mode
+    untrained_like: Callable[[nn.Module, PreTrainedModel, int], nn.Module]
+    # (drafter, batch, target_hidden [B, T, L, H] of the cached layers, lm_head [V, H], draft cfg)
+    #   -> the keyword tensors of the objectives (and of `diagnostics`)
+    training_inputs: Callable[[nn.Module, Batch, torch.Tensor, torch.Tensor, object], dict[str, torch.Tensor]]
+    inputs: frozenset[str]  # the keys training_inputs returns: what this kind's objectives may take
+    # (training inputs, draft tokens per verify step at serving) -> train/* metrics
+    diagnostics: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
+    # names of the drafter's tensors that belong to the target (never trained, saved or checkpointed)
+    shared_keys: Callable[[nn.Module], set[str]]
+    # (drafter as served, feature layers) -> the engine's session
+    session: Callable[[nn.Module, tuple[int, ...]], Drafter]
+    # (drafter, dtype) -> a copy in `dtype`, eval mode, sharing the target's tensors: what the eval hook decodes
+    serving_copy: Callable[[nn.Module, torch.dtype], nn.Module]
+    # (drafter, directory, target config, feature layers) -> the directory
+    save: Callable[[nn.Module, Path, PretrainedConfig, tuple[int, ...]], Path]
+    # (directory, target model) -> (drafter in the target's dtype, feature layers)
+    load: Callable[[Path, PreTrainedModel], tuple[nn.Module, tuple[int, ...]]]
+    is_saved: Callable[[Path], bool]  # whether a directory holds a drafter of this kind
+    module: str  # where it is registered, for the duplicate-name error
+
+
+DRAFTERS: dict[str, DrafterKind] = {}
+
+
+def register_drafter(name: str, kind: DrafterKind) -> DrafterKind:
+    add_entry(DRAFTERS, name, kind, kind="drafter", module=kind.module)
+    return kind
+
+
+def drafter_kind(name: str) -> DrafterKind:
+    return lookup(DRAFTERS, name, key="draft.name", kind="drafter")
+
+
+def saved_kind(directory: str | Path) -> DrafterKind | None:
+    """The kind whose saved drafter `directory` holds, or None (e.g. a plain causal LM)."""
+    return next((kind for kind in DRAFTERS.values() if kind.is_saved(Path(directory))), None)
+
+
+from specdec.trainer.drafters import eagle3  # noqa: E402 (it registers here)
+
+__all__ = ["DRAFTERS", "DrafterKind", "drafter_kind", "eagle3", "register_drafter", "saved_kind"]

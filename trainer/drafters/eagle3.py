@@ -1,0 +1,222 @@
+"""The EAGLE-3 drafter's training side (Li et al., "EAGLE-3", arXiv 2503.01840): its recipe fields,
+its draft vocabulary, the training-time-test unroll with the teacher it is scored against, its
+diagnostics, and its save/load as the native EAGLE-3 directory. The model and its inference session
+are in specdec.eval.drafters.eagle3.
+
+One training batch becomes:
+    draft_logits    = draft.unroll(features, next tokens, steps=K)               [B, K, T, V_d]
+    target_probs    = softmax(lm_head(final)[draft vocab]) at t+k+1 for step k   [B, K, T, V_d]
+    loss_mask[k, t] = token t+k+2 is an assistant token, and the target's argmax at t+k+1 is in
+                      the draft vocabulary                                       [B, K, T]
+Step k at position t predicts token t+k+2: the target itself supplies token t+1 (the pending token
+at inference), so the draft's first guess is the one after it, and the teacher is the target's
+distribution at t+k+1, the position whose logits predict t+k+2. The loss mask is the mask of the
+predicted token t+k+2: a step counts exactly when it drafts a token of an answer.
+SpecForge (a6b6b02, eagle3/data.py and TargetHead.preprocess) gates the same step with the mask at
+position t+k, two tokens before the one predicted (EAGLE-3's original convention): it never trains
+the guess of an answer's first two tokens and does train the guesses of the two tokens after an
+answer's end (the template's next header). At serving time the drafter guesses inside answers,
+from their second token on (the first is the target's own token after the prompt), which is what
+this mask selects.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel
+
+from specdec.eval.drafters.eagle3 import Eagle3Drafter, Eagle3Model, is_eagle3_dir, load_eagle3, save_eagle3
+from specdec.trainer.drafters import DrafterKind, register_drafter
+from specdec.trainer.drafters.draft_vocab import count_loss_tokens, draft_vocab
+from specdec.trainer.objectives import masked_mean, scatter_rows
+from specdec.trainer.objectives.expected_accept import expected_accepted
+
+
+@dataclass
+class Eagle3DraftConfig:
+    """EAGLE-3 (Li et al., arXiv 2503.01840): one decoder layer over fused target layers."""
+
+    name: str = "eagle3"
+    vocab_size: int = 32000  # draft vocabulary: the most frequent target tokens (EAGLE-3 reference code)
+    unroll_steps: int = 7  # draft steps unrolled in training, the training-time test's length (reference code)
+
+    def target_layers(self, num_layers: int) -> list[int]:
+        """Entering layers 2, N//2 and N-3 (EAGLE-3 reference code), and the final normed state N."""
+        return [2, num_layers // 2, num_layers - 3, num_layers]
+
+
+def new_eagle3(target: PreTrainedModel, d2t: torch.Tensor, t2d: torch.Tensor, *, seed: int) -> Eagle3Model:
+    """A freshly initialised float32 EAGLE-3 drafter over a draft vocabulary; the same for the same seed."""
+    L.seed_everything(seed, verbose=False)
+    draft = Eagle3Model(target.config, draft_vocab_size=len(d2t), embed_tokens=target.get_input_embeddings())
+    draft.d2t.copy_(d2t)
+    draft.t2d.copy_(t2d)
+    return draft  # float32 (the default dtype); the shared embedding stays in the target's dtype
+
+
+def build(cfg: Eagle3DraftConfig, target, token_samples, seed: int) -> Eagle3Model:
+    counts = count_loss_tokens(token_samples, target.model.config.vocab_size)
+    d2t, t2d = draft_vocab(counts, cfg.vocab_size)
+    share = counts[t2d].sum().item() / max(counts.sum().item(), 1)
+    L.pytorch.utilities.rank_zero_info(
+        f"draft vocabulary: {len(d2t)} tokens cover {100 * share:.1f}% of the loss tokens"
+    )
+    return new_eagle3(target.model, d2t, t2d, seed=seed)
+
+
+def untrained_like(draft: Eagle3Model, target: PreTrainedModel, seed: int) -> Eagle3Model:
+    """The start of a drafter trained with `seed` (same vocabulary, same init), in the target's dtype."""
+    return new_eagle3(target, draft.d2t, draft.t2d, seed=seed).to(target.dtype).eval()
+
+
+def serving_copy(draft: Eagle3Model, dtype: torch.dtype) -> Eagle3Model:
+    """The drafter as it is served (in `dtype`, eval mode), sharing the target's embedding, which
+    stays as it is; consumes no randomness, so the training run stays reproducible."""
+    served = copy.deepcopy(draft, memo={id(draft.embed_tokens): draft.embed_tokens})
+    for child in served.children():
+        if child is not draft.embed_tokens:
+            child.to(dtype)
+    return served.eval()
+
+
+def shared_keys(draft: Eagle3Model) -> set[str]:
+    """The target's embedding, which the drafter borrows."""
+    return {f"embed_tokens.{name}" for name, _ in draft.embed_tokens.named_parameters()}
+
+
+# ---- a training batch ----
+
+
+def shift_left(x: torch.Tensor, by: int) -> torch.Tensor:
+    """x[:, t + by] at t along dim 1, zero past the end."""
+    return torch.cat([x[:, by:], x.new_zeros(x.shape[0], min(by, x.shape[1]), *x.shape[2:])], dim=1)
+
+
+def per_step(x: torch.Tensor, steps: int, first: int) -> torch.Tensor:
+    """[B, T, ...] -> [B, K, T, ...] with out[:, k, t] = x[:, t + k + first], zero past the end.
+
+    A strided view over one zero-padded copy of x: the K steps share its memory (the teacher of
+    every step is the same [B, T, V_d] tensor read at K offsets, not K copies of it)."""
+    batch, time = x.shape[:2]
+    padded = torch.cat([x, x.new_zeros(batch, steps + first, *x.shape[2:])], dim=1)
+    strides = padded.stride()
+    return padded.as_strided(
+        (batch, steps, time, *x.shape[2:]), (strides[0], strides[1], *strides[1:]), first * strides[1]
+    )
+
+
+@torch.no_grad()
+def teacher(
+    draft: Eagle3Model, final: torch.Tensor, loss_mask: torch.Tensor, lm_head: torch.Tensor, steps: int
+) -> dict[str, torch.Tensor]:
+    """The target's distribution on the draft vocabulary where the unrolled steps count, and the masks.
+
+    final [B, T, H] the target's final normed state, loss_mask [B, T] its assistant tokens. Returns
+        loss_mask     [B, K, T] bool, the places the objectives count (module docstring); N of them
+        target_probs  [N, V_d] float32 at those places, renormalised on the draft vocabulary
+        target_argmax [N] the draft id of the target's most likely draft-vocabulary token there
+        answer_mask   [B, K, T] bool, token t+k+2 is an assistant token, in the draft vocabulary or not
+    The target's LM head runs only at positions whose next token is an assistant token: the others
+    teach nothing. At an answer place outside loss_mask the target's argmax is not a draft token, a
+    certain rejection at serving time (answer_mask is for the serving-faithful diagnostics).
+    """
+    batch, time = loss_mask.shape
+    teaches = shift_left(loss_mask, 1)  # [B, T]: the logits at t predict an assistant token
+    logits = final[teaches].to(lm_head.dtype) @ lm_head.T  # [M, V]
+    draft_ids = torch.arange(len(draft.d2t), device=logits.device) + draft.d2t
+    rows = torch.softmax(logits[:, draft_ids].float(), dim=-1)  # [M, V_d]
+    probs = rows.new_zeros(batch, time, rows.shape[-1])
+    probs[teaches] = rows
+    in_draft = torch.zeros_like(teaches)
+    in_draft[teaches] = draft.t2d[logits.argmax(dim=-1)]
+    argmax = torch.zeros_like(loss_mask, dtype=torch.long)
+    argmax[teaches] = rows.argmax(dim=-1)
+    answer = torch.stack([shift_left(loss_mask, k + 2) for k in range(steps)], dim=1)
+    counted = answer & per_step(in_draft, steps, 1)
+    return {
+        "loss_mask": counted,
+        "target_probs": per_step(probs, steps, 1)[counted],
+        "target_argmax": per_step(argmax, steps, 1)[counted],
+        "answer_mask": answer,
+    }
+
+
+def training_inputs(
+    draft: Eagle3Model,
+    batch: dict[str, torch.Tensor],
+    target_hidden: torch.Tensor,  # [B, T, 4, H]: the drafter's three layers, then the final normed state
+    lm_head: torch.Tensor,  # [V, H] the target's output embedding
+    cfg: Eagle3DraftConfig,
+) -> dict[str, torch.Tensor]:
+    """draft_logits [N, V_d] of the training-time test where the loss counts, and the teacher there
+    (see `teacher`): the drafter's norm and LM head run on those N places only."""
+    targets = teacher(draft, target_hidden[:, :, -1], batch["loss_mask"], lm_head, cfg.unroll_steps)
+    outputs = draft.unroll_outputs(
+        target_hidden=target_hidden[:, :, :-1].to(draft.fc.weight.dtype),
+        next_ids=shift_left(batch["input_ids"], 1),
+        attention_mask=batch["attention_mask"],
+        steps=cfg.unroll_steps,
+    )
+    return {"draft_logits": draft.logits(outputs[targets["loss_mask"]]), **targets}
+
+
+@torch.no_grad()
+def diagnostics(inputs: dict[str, torch.Tensor], eval_k: int) -> dict[str, torch.Tensor]:
+    """train/acc_step_k for every unrolled step (draft argmax = target argmax where the loss counts),
+    and closed-form acceptance lengths over the first k = min(eval.k, K) steps, 1 + sum_k prod_{i<=k}
+    alpha_i averaged over chain starts:
+        sim_tau: sampled, alpha = sum_x min(p(x), q(x)) with p renormalised on the draft vocabulary,
+            over the places the loss counts (a place left out ends the chain);
+        sim_tau_greedy: alpha = 1 where the draft's argmax is the target's, same places;
+        sim_tau_greedy_served: greedy as served, over every answer place: where the target's argmax
+            is not a draft token the step is a certain rejection, where sim_tau_greedy leaves the
+            place out. This is the teacher-forced counterpart of a greedy eval/tau.
+    """
+    draft_logits, target_probs, loss_mask = inputs["draft_logits"], inputs["target_probs"], inputs["loss_mask"]
+    steps, k = loss_mask.shape[1], min(eval_k, loss_mask.shape[1])
+    agree = scatter_rows((draft_logits.argmax(dim=-1) == inputs["target_argmax"]).float(), loss_mask)
+    metrics = {f"train/acc_step_{step}": masked_mean(agree[:, step], loss_mask[:, step]) for step in range(steps)}
+    alpha = torch.minimum(target_probs, torch.softmax(draft_logits.float(), dim=-1)).sum(dim=-1)
+    answer = inputs["answer_mask"][:, :k]
+    closed_forms = {
+        "sim_tau": (scatter_rows(alpha, loss_mask)[:, :k], loss_mask[:, :k]),
+        "sim_tau_greedy": (agree[:, :k], loss_mask[:, :k]),
+        "sim_tau_greedy_served": (agree[:, :k], answer),  # 0 at answer places outside loss_mask
+    }
+    for name, (values, mask) in closed_forms.items():
+        metrics[f"train/{name}"] = 1 + masked_mean(expected_accepted(values, mask), mask[:, 0])
+    return metrics
+
+
+EAGLE3 = register_drafter(
+    "eagle3",
+    DrafterKind(
+        config=Eagle3DraftConfig,
+        build=build,
+        untrained_like=untrained_like,
+        training_inputs=training_inputs,
+        inputs=frozenset(
+            [
+                "draft_logits",
+                "target_probs",
+                "loss_mask",
+                "target_argmax",
+                "answer_mask",
+                "target_mass",
+                "in_draft_vocab",
+            ]
+        ),
+        diagnostics=diagnostics,
+        shared_keys=shared_keys,
+        session=Eagle3Drafter,
+        serving_copy=serving_copy,
+        save=lambda draft, directory, target_config, layers: save_eagle3(
+            draft, directory, target_config=target_config, target_layers=layers
+        ),
+        load=load_eagle3,
+        is_saved=is_eagle3_dir,
+        module=__name__,
+    ),
+)
