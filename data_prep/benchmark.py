@@ -16,7 +16,8 @@ import torch
 
 from specdec.data_prep.assets import asset_path
 from specdec.data_prep.cache import CacheConfig, CacheDType
-from specdec.data_prep.prep import _length_batches, cache_key, plan_shards, right_pad, write_cache
+from specdec.data_prep.padding import pad
+from specdec.data_prep.prep import _length_batches, cache_key, plan_shards, write_cache
 from specdec.data_prep.sources import DataConfig, read_conversations
 from specdec.data_prep.target import TargetConfig, load_target
 from specdec.data_prep.templates import tokenize_conversation
@@ -30,7 +31,7 @@ def bare_forward_tokens_per_s(model, samples, cfg: CacheConfig) -> float:
         lengths = [len(samples[i].input_ids) for i in shard]
         for batch in _length_batches(lengths, cfg.batch_tokens):
             rows = [samples[shard[p]].input_ids for p in batch]
-            input_ids, mask = right_pad(rows)
+            input_ids, mask = pad(rows, side="right")
             model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
             tokens += sum(len(r) for r in rows)
     return tokens / (time.perf_counter() - start)

@@ -40,6 +40,7 @@ from specdec.data_prep.cache import (
     remove_dead_writers_files,
     shard_name,
 )
+from specdec.data_prep.padding import pad
 from specdec.data_prep.regenerate import regenerate_answers
 from specdec.data_prep.sources import DataConfig, SourceData, read_conversations, source_fingerprint
 from specdec.data_prep.target import Target, TargetConfig
@@ -94,22 +95,11 @@ def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return [*batches, current] if current else batches
 
 
-def right_pad(token_ids: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [B, longest]; right padding, so real tokens never attend to pads."""
-    longest = max(len(ids) for ids in token_ids)
-    input_ids = torch.zeros(len(token_ids), longest, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(token_ids):
-        input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
-
-
 @torch.inference_mode()
 def target_hidden_states(model: PreTrainedModel, token_ids: list[np.ndarray], layers: list[int]) -> list[torch.Tensor]:
     """One padded forward: per sample, its hidden states [T, L, H] float32."""
     device = model.device
-    input_ids, attention_mask = right_pad(token_ids)
+    input_ids, attention_mask = pad(token_ids, side="right")  # real tokens never attend to pads
     output = model.base_model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),

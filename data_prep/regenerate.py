@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specdec.data_prep.cache import CacheError, atomic_write, remove_dead_writers_files
+from specdec.data_prep.padding import pad
 from specdec.data_prep.sources import Conversation, Turn
 from specdec.data_prep.target import Target
 
@@ -33,19 +34,6 @@ def _rewritable(turns: tuple[Turn, ...] | list[Turn], start: int = 0) -> list[in
     return [i for i in range(max(start, first_user), len(turns)) if turns[i].role == "assistant"]
 
 
-def _left_pad(token_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask [B, longest], padded on the left: generation continues every row
-    at the right edge. Done here rather than by the tokenizer, whose padding side and pad token are
-    the caller's settings (a tokenizer is shared by every stage)."""
-    longest = max(len(ids) for ids in token_ids)
-    input_ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(token_ids):
-        input_ids[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, longest - len(ids) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def _generate(
     target: Target, prompts: list[str], *, max_new_tokens: int, temperature: float, batch_size: int
 ) -> list[str]:
@@ -57,7 +45,8 @@ def _generate(
     for start in range(0, len(prompts), batch_size):
         rows = order[start : start + batch_size]
         token_ids = tokenizer([prompts[i] for i in rows], add_special_tokens=False)["input_ids"]
-        batch = _left_pad(token_ids, pad_id)
+        input_ids, attention_mask = pad(token_ids, side="left", value=pad_id)  # generation continues at the right
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         )

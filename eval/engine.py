@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from specdec.data_prep.padding import pad
 from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal, Drafter
 from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, verify_tree_greedy, verify_tree_sampled
@@ -67,16 +68,6 @@ class _TargetState:
         )
         hidden = torch.stack([output.hidden_states[i] for i in self.layers], dim=2) if self.layers else None
         return output.logits, hidden
-
-
-def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(prompt) for prompt in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt) :] = torch.tensor(prompt, device=device)
-        mask[row, longest - len(prompt) :] = 1
-    return ids, mask
 
 
 @dataclass(frozen=True)
@@ -173,7 +164,7 @@ def generate(
     """Continue every prompt (token ids, chat template applied) for up to cfg.max_new_tokens tokens."""
     device = target.device
     start = time.perf_counter()
-    ids, mask = _left_pad(prompts, device)
+    ids, mask = (tensor.to(device) for tensor in pad(prompts, side="left"))  # rows continue at the right edge
     state = _TargetState(target, drafter.target_layers if drafter else ())
     state.mask = mask[:, :0]
     context, context_mask, pending = ids[:, :-1], mask[:, :-1], ids[:, -1]

@@ -20,9 +20,10 @@ from collections.abc import Iterator, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from specdec.data_prep import HiddenStateCache, Sample
+from specdec.data_prep.padding import pad
 
 
 class CachedSamples(Dataset):
@@ -66,22 +67,16 @@ class TokenSamples(Dataset):
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    longest = max(len(item["input_ids"]) for item in items)
+    """Samples as one right-padded batch (the module docstring's fields)."""
+    input_ids, attention_mask = pad([item["input_ids"].long() for item in items], side="right")
     batch = {
         "index": torch.tensor([item["index"] for item in items]),
-        "input_ids": torch.zeros(len(items), longest, dtype=torch.long),
-        "loss_mask": torch.zeros(len(items), longest, dtype=torch.bool),
-        "attention_mask": torch.zeros(len(items), longest, dtype=torch.long),
+        "input_ids": input_ids,
+        "loss_mask": pad([item["loss_mask"].bool() for item in items], side="right")[0],
+        "attention_mask": attention_mask,
     }
     if "hidden" in items[0]:
-        batch["hidden"] = items[0]["hidden"].new_zeros(len(items), longest, *items[0]["hidden"].shape[1:])
-    for row, item in enumerate(items):
-        length = len(item["input_ids"])
-        batch["input_ids"][row, :length] = item["input_ids"]
-        batch["loss_mask"][row, :length] = item["loss_mask"]
-        batch["attention_mask"][row, :length] = 1
-        if "hidden" in batch:
-            batch["hidden"][row, :length] = item["hidden"]
+        batch["hidden"] = pad([item["hidden"] for item in items], side="right")[0]
     return batch
 
 
@@ -130,7 +125,9 @@ class LengthBucketBatches(Sampler[list[int]]):
             batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
         batches = [batch for batch in batches if len(batch) == self.batch_size]
         batches = [batches[i] for i in generator.permutation(len(batches))]
-        return batches[: len(self) * self.world][self.rank :: self.world]
+        # torch's sampler deals the bucketed batches out to the ranks, the same number to each
+        ranks = DistributedSampler(batches, num_replicas=self.world, rank=self.rank, shuffle=False, drop_last=True)
+        return [batches[i] for i in ranks][: len(self)]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, skip = divmod(self.position, len(self))

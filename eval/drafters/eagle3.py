@@ -178,16 +178,15 @@ def save_eagle3(model: Eagle3Model, directory: str | Path, *, target_config: Pre
     """A native EAGLE-3 directory: config.json and model.safetensors (float32, without the embedding)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {name: getattr(target_config, name) for name in _TARGET_FIELDS if hasattr(target_config, name)}
-    config.update(
+    config = LlamaConfig(
+        **{name: getattr(target_config, name) for name in _TARGET_FIELDS if hasattr(target_config, name)},
         architectures=[EAGLE3_ARCHITECTURE],
-        model_type="llama",
         num_hidden_layers=1,
         tie_word_embeddings=False,
         draft_vocab_size=model.lm_head.out_features,
         specdec_target_layers=list(target_layers),  # HF output_hidden_states ids: 0 = embeddings
     )
-    (directory / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+    config.save_pretrained(directory)  # config.json
     shared = shared_keys(model)
     tensors = {
         k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()

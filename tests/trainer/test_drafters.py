@@ -97,14 +97,34 @@ def test_serving_faithful_diagnostics_count_what_the_verifier_would() -> None:
     assert metrics["train/acc_step_0"].item() == 1.0 and metrics["train/acc_step_1"].item() == 1.0
 
 
-def test_every_objective_a_recipe_names_takes_what_its_drafter_gives() -> None:
-    from specdec.trainer.config import RecipeError
+def test_one_registry_idiom_refuses_a_second_module_and_names_the_choices() -> None:
+    from dataclasses import replace
+
+    from specdec.trainer.drafters import register_drafter
+    from specdec.trainer.objectives import register_objective
 
     assert set(DRAFTERS) == {"eagle3"}
     with pytest.raises(UnknownName, match=r"draft\.name: 'nope' is not a registered drafter; choose one of eagle3"):
         drafter_kind("nope")
-    kind = DRAFTERS["eagle3"]
-    cfg = compose_recipe("tiny", ["run.dir=unused", "+objective.kd={}"])
-    assert set(cfg.objective) == {"ttt", "kd"}
-    assert kind.inputs >= {"draft_logits", "target_probs", "loss_mask"}
-    assert issubclass(RecipeError, ValueError)
+    with pytest.raises(
+        ValueError, match="drafter 'eagle3' is registered twice: specdec.trainer.drafters.eagle3 and mine"
+    ):
+        register_drafter("eagle3", replace(DRAFTERS["eagle3"], module="mine"))
+    with pytest.raises(ValueError, match="objective 'kd' is registered twice: specdec.trainer.objectives.kd and tests"):
+        register_objective("kd", config=KdConfig)(lambda *, cfg: None)  # a function of this test module
+    assert DRAFTERS["eagle3"].module == "specdec.trainer.drafters.eagle3"
+
+
+def test_a_recipe_whose_objective_takes_what_the_drafter_does_not_give_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from specdec.trainer.config import RecipeError
+    from specdec.trainer.objectives import OBJECTIVES, Objective
+
+    def frames_loss(*, frames: torch.Tensor, label_ids: torch.Tensor, cfg: KdConfig):
+        raise AssertionError("never called: the recipe is refused first")
+
+    monkeypatch.setitem(OBJECTIVES, "frames_only", Objective(frames_loss, KdConfig, ("frames", "label_ids")))
+    assert compose_recipe("tiny", ["+objective.kd={}"]).objective.keys() == {"ttt", "kd"}
+    with pytest.raises(RecipeError, match=r"objective\.frames_only: takes frames, label_ids, which draft\.name=eagle3"):
+        compose_recipe("tiny", ["+objective.frames_only={}"])

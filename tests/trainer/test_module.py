@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaConfig
 
 from specdec.data_prep import HiddenStateCache, Sample, load_target
 from specdec.eval.drafters.eagle3 import load_eagle3, save_eagle3
@@ -159,6 +160,12 @@ def test_a_saved_drafter_loads_with_the_same_outputs(tiny_run, tmp_path: Path) -
     _, target, layers, cached, module = tiny_run
     directory = save_eagle3(module.draft, tmp_path, target_config=target.model.config, target_layers=layers[:-1])
     assert not any(key.startswith("embed_tokens") for key in load_file(directory / "model.safetensors"))
+    config = LlamaConfig.from_pretrained(directory)  # transformers' own config class wrote it
+    assert (config.architectures, config.num_hidden_layers, config.draft_vocab_size) == (
+        ["LlamaForCausalLMEagle3"],
+        1,
+        module.draft.lm_head.out_features,
+    )
     loaded, loaded_layers = load_eagle3(directory, target.model)
     assert loaded_layers == tuple(layers[:-1])
     batch = collate([cached[1]])

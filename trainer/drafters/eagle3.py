@@ -27,7 +27,14 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel
 
-from specdec.eval.drafters.eagle3 import Eagle3Drafter, Eagle3Model, is_eagle3_dir, load_eagle3, save_eagle3
+from specdec.eval.drafters.eagle3 import (
+    Eagle3Drafter,
+    Eagle3Model,
+    is_eagle3_dir,
+    load_eagle3,
+    save_eagle3,
+    shared_keys,
+)
 from specdec.trainer.drafters import DrafterKind, register_drafter
 from specdec.trainer.drafters.draft_vocab import count_loss_tokens, draft_vocab
 from specdec.trainer.objectives import masked_mean, scatter_rows
@@ -81,11 +88,6 @@ def serving_copy(draft: Eagle3Model, dtype: torch.dtype) -> Eagle3Model:
     return served.eval()
 
 
-def shared_keys(draft: Eagle3Model) -> set[str]:
-    """The target's embedding, which the drafter borrows."""
-    return {f"embed_tokens.{name}" for name, _ in draft.embed_tokens.named_parameters()}
-
-
 # ---- a training batch ----
 
 
@@ -133,7 +135,7 @@ def teacher(
     in_draft[teaches] = draft.t2d[logits.argmax(dim=-1)]
     argmax = torch.zeros_like(loss_mask, dtype=torch.long)
     argmax[teaches] = rows.argmax(dim=-1)
-    answer = torch.stack([shift_left(loss_mask, k + 2) for k in range(steps)], dim=1)
+    answer = per_step(loss_mask, steps, 2)  # the token step k predicts at t is t+k+2
     counted = answer & per_step(in_draft, steps, 1)
     return {
         "loss_mask": counted,
