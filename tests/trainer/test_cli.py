@@ -161,7 +161,10 @@ def test_eval_writes_the_report_and_the_plot(
     assert cli.eval_main(argv) == 0
     report = json.loads((tmp_path / "eval.json").read_text())["drafter"]
     assert report["num_prompts"] == 3 and report["k"] == 3 and report["greedy_matches_target"] == 1.0
-    assert 1.0 <= report["tau"] <= 4.0 and len(report["accept_rate_per_pos"]) == 3
+    # tau - 1 is the mean accepted per step: the sum of P(accepted > i) over positions, and K x accept_rate
+    assert len(report["accept_rate_per_pos"]) == 3 and report["drafted_per_step"] == 3
+    assert report["tau"] == pytest.approx(1 + sum(report["accept_rate_per_pos"]))
+    assert report["tau"] == pytest.approx(1 + 3 * report["accept_rate"])
     assert report["speedup"] == pytest.approx(report["tokens_per_s"] / report["ar_tokens_per_s"])
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tau " in capsys.readouterr().out
