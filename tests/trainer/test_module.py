@@ -252,28 +252,6 @@ def test_a_run_killed_again_and_again_resumes_to_the_same_weights(
         torch.testing.assert_close(found[key], expected[key], rtol=0, atol=0, msg=key)
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_the_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    from dataclasses import replace
-
-    from specdec.trainer.objectives import ObjectiveOutput
-
-    ttt = OBJECTIVES["ttt"]
-    calls = []
-
-    def poisoned(**inputs):
-        calls.append(1)
-        output = ttt.function(**inputs)
-        return ObjectiveOutput(output.loss * float("nan"), output.metrics) if len(calls) == 3 else output
-
-    monkeypatch.setitem(OBJECTIVES, "ttt", replace(ttt, function=poisoned))
-    assert cli.train_main(["recipe=tiny", f"run.dir={tmp_path}"]) == 2
-    err = capsys.readouterr().err
-    assert "specdec-train: loss nan at global step 2, batch 2 of epoch 0 (samples [" in err
-    assert "training stopped" in err and "Traceback" not in err
-
-
 def test_a_drafter_for_another_target_is_refused_with_its_file_named(tiny_run, tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
@@ -310,8 +288,12 @@ def test_the_hook_measures_a_served_copy_that_leaves_the_training_drafter_alone(
     assert (served_logits.argmax(-1) == trained.argmax(-1)).float().mean() > 0.9
 
 
-def test_a_finite_loss_with_nan_gradients_stops_before_the_weights_change(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize(
+    ("poison", "what"),
+    [("loss", "loss nan"), ("gradient", "a non-finite gradient of draft.")],  # sqrt at 0: finite loss, nan gradient
+)
+def test_a_non_finite_loss_or_gradient_stops_the_run_before_the_weights_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, poison: str, what: str
 ) -> None:
     from dataclasses import replace
 
@@ -323,15 +305,16 @@ def test_a_finite_loss_with_nan_gradients_stops_before_the_weights_change(
     def poisoned(**inputs):
         calls.append(1)
         output = ttt.function(**inputs)
-        if len(calls) == 3:  # sqrt at 0: the value stays finite, its gradient is nan
-            return ObjectiveOutput(output.loss + (inputs["draft_logits"].sum() * 0).sqrt(), output.metrics)
-        return output
+        if len(calls) != 3:
+            return output
+        nan = output.loss * float("nan") if poison == "loss" else (inputs["draft_logits"].sum() * 0).sqrt()
+        return ObjectiveOutput(output.loss + nan, output.metrics)
 
     monkeypatch.setitem(OBJECTIVES, "ttt", replace(ttt, function=poisoned))
     assert cli.train_main(["recipe=tiny", f"run.dir={tmp_path}", "run.checkpoint_every_n_steps=1"]) == 2
     err = capsys.readouterr().err
-    assert "specdec-train: a non-finite gradient of draft." in err
-    assert "at global step 2, batch 2 of epoch 0 (samples [" in err and "Traceback" not in err
+    assert f"specdec-train: {what}" in err and "Traceback" not in err
+    assert "at global step 2, batch 2 of epoch 0 (samples [" in err and "training stopped" in err
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
     assert all(value.isfinite().all() for value in state["state_dict"].values() if value.is_floating_point())
