@@ -80,6 +80,11 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def steps_per_epoch(num_samples: int, batch_size: int, *, world: int, accumulate: int) -> int:
+    """Optimizer steps in one epoch of LengthBucketBatches."""
+    return num_samples // batch_size // world // accumulate
+
+
 class LengthBucketBatches(Sampler[list[int]]):
     """One rank's batches: epoch e is a permutation seeded by (seed, e), cut into buckets of `bucket`
     batches whose samples are sorted by length (less padding), then the batches in a seeded order.
@@ -112,7 +117,8 @@ class LengthBucketBatches(Sampler[list[int]]):
         self.position = 0
 
     def __len__(self) -> int:
-        return len(self.lengths) // self.batch_size // self.world // self.accumulate * self.accumulate
+        steps = steps_per_epoch(len(self.lengths), self.batch_size, world=self.world, accumulate=self.accumulate)
+        return steps * self.accumulate
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         generator = np.random.default_rng([self.seed, epoch])
@@ -134,11 +140,6 @@ class LengthBucketBatches(Sampler[list[int]]):
         for batch in self.epoch_batches(epoch)[skip:]:
             self.position += 1
             yield batch
-
-
-def steps_per_epoch(num_samples: int, batch_size: int, *, world: int, accumulate: int) -> int:
-    """Optimizer steps in one epoch of LengthBucketBatches."""
-    return num_samples // batch_size // world // accumulate
 
 
 class DrafterData(L.LightningDataModule):

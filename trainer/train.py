@@ -228,8 +228,8 @@ def train(
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume if resume.is_file() else None)
     train_seconds = time.perf_counter() - start
-    # ModelCheckpoint writes every n steps only: last.ckpt holds the final step too (a no-op rewrite
-    # when the last step was one of them)
+    # ModelCheckpoint writes every n steps only: last.ckpt holds the final step too (the same file
+    # again when the last step was one of them)
     trainer.save_checkpoint(resume)
 
     train_tokens = int(module.tokens_seen.item())
