@@ -199,17 +199,7 @@ EAGLE3 = register_drafter(
         build=build,
         untrained_like=untrained_like,
         training_inputs=training_inputs,
-        inputs=frozenset(
-            [
-                "draft_logits",
-                "target_probs",
-                "loss_mask",
-                "target_argmax",
-                "answer_mask",
-                "target_mass",
-                "in_draft_vocab",
-            ]
-        ),
+        inputs=frozenset({"draft_logits", "target_probs", "loss_mask", "target_argmax", "answer_mask"}),
         diagnostics=diagnostics,
         shared_keys=shared_keys,
         session=Eagle3Drafter,
