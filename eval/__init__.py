@@ -3,6 +3,7 @@ benchmarks and the training-time eval hook."""
 
 from specdec.eval.drafters import ChainProposal, Drafter
 from specdec.eval.drafters.causal_lm import CausalLMDrafter
+from specdec.eval.drafters.pard import PardDrafter
 from specdec.eval.engine import Generation, SpecConfig, generate
 from specdec.eval.tree import DraftTree
 from specdec.eval.verify import Sampling
@@ -13,6 +14,7 @@ __all__ = [
     "DraftTree",
     "Drafter",
     "Generation",
+    "PardDrafter",
     "Sampling",
     "SpecConfig",
     "generate",

@@ -2,12 +2,12 @@
 it, in one run, and reports tau, acceptance per position, tokens/s and the speedup over plain
 autoregressive decoding of the same target on the same prompts, and where the time goes (drafting
 vs verifying, per verify step and in total). Several drafters (a trained one and its untrained
-start) share that baseline. Greedy runs also check that every output equals the target's own
-greedy decode (the autoregressive run)."""
+start, or the rows of `eval.compare`, each at its own draft length) share that baseline. Greedy runs
+also check that every output equals the target's own greedy decode (the autoregressive run)."""
 
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,55 +87,79 @@ def decode_prompts(
     )
 
 
+def _report(spec: Generation, baseline: Generation, cfg: SpecConfig, device: str) -> EvalReport:
+    """One drafter's run `spec`, decoded at `cfg`, against the autoregressive `baseline` on the same prompts."""
+    stats = acceptance_stats([n for row in spec.accepted for n in row], cfg.k)
+    matches = None
+    if cfg.sampling.greedy:
+        pairs = zip(spec.new_tokens, baseline.new_tokens, strict=True)
+        matches = sum(a == b for a, b in pairs) / len(spec.new_tokens)
+    tokens_per_s = spec.num_new_tokens / spec.seconds
+    ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
+    drafted = [n for row in spec.drafted for n in row]
+    draft_ms, verify_ms = 1000 * sum(spec.draft_time_s), 1000 * sum(spec.verify_time_s)
+    return EvalReport(
+        tau=stats.tau,
+        accept_rate=stats.accept_rate,
+        accept_rate_per_pos=stats.accept_rate_per_pos,
+        tokens_per_s=tokens_per_s,
+        ar_tokens_per_s=ar_tokens_per_s,
+        speedup=tokens_per_s / ar_tokens_per_s,
+        num_prompts=len(spec.new_tokens),
+        new_tokens=spec.num_new_tokens,
+        verify_steps=stats.verify_steps,
+        drafted_per_step=sum(drafted) / len(drafted),
+        draft_ms_per_step=draft_ms / len(spec.draft_time_s),
+        verify_ms_per_step=verify_ms / len(spec.verify_time_s),
+        draft_ms_total=draft_ms,
+        verify_ms_total=verify_ms,
+        k=cfg.k,
+        tree_width=cfg.tree_width,
+        temperature=cfg.sampling.temperature,
+        greedy_matches_target=matches,
+        device=device,
+    )
+
+
 def evaluate_drafters(
     target: PreTrainedModel,
     drafters: dict[str, Drafter],
     prompts: list[Prompt],
     *,
     cfg: SpecConfig,
+    configs: dict[str, SpecConfig] | None = None,
     eos_token_ids: set[int],
     batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, EvalReport]:
-    """One run: warm-up, the autoregressive baseline, then speculative decoding with each drafter."""
-    common = {"cfg": cfg, "eos_token_ids": eos_token_ids, "batch_size": batch_size, "seed": seed, "progress": progress}
-    warm = SpecConfig(k=cfg.k, tree_width=cfg.tree_width, max_new_tokens=4, sampling=cfg.sampling)
-    for drafter in drafters.values():
+    """One run: warm-up, the autoregressive baseline (decoded once, at `cfg`), then speculative
+    decoding with each drafter at its own config in `configs` (k and tree_width may differ from
+    `cfg`; max_new_tokens and sampling may not, since every drafter is compared with that one
+    baseline), or at `cfg` for a drafter not in `configs`."""
+    configs = configs or {}
+    problems = [f"configs[{name!r}]: no such drafter" for name in configs if name not in drafters]
+    problems += [
+        f"configs[{name!r}]: max_new_tokens={own.max_new_tokens} and {own.sampling}, but cfg has "
+        f"max_new_tokens={cfg.max_new_tokens} and {cfg.sampling}, which every drafter shares with the baseline"
+        for name, own in configs.items()
+        if (own.max_new_tokens, own.sampling) != (cfg.max_new_tokens, cfg.sampling)
+    ]
+    if problems:
+        raise ValueError("; ".join(problems))
+    configs = {name: configs.get(name, cfg) for name in drafters}
+    common = {"eos_token_ids": eos_token_ids, "batch_size": batch_size, "seed": seed, "progress": progress}
+    for name, drafter in drafters.items():
+        warm = replace(configs[name], max_new_tokens=4)
         generate(target, [prompts[0].token_ids], drafter=drafter, cfg=warm, eos_token_ids=eos_token_ids)
-    baseline = decode_prompts(target, prompts, drafter=None, desc="autoregressive", **common)
-    ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
+    baseline = decode_prompts(target, prompts, drafter=None, cfg=cfg, desc="autoregressive", **common)
+    device = device_name(target.device)
     reports = {}
     for name, drafter in drafters.items():
-        spec = decode_prompts(target, prompts, drafter=drafter, desc=f"speculative, {name}", **common)
-        stats = acceptance_stats([n for row in spec.accepted for n in row], cfg.k)
-        matches = None
-        if cfg.sampling.greedy:
-            matches = sum(a == b for a, b in zip(spec.new_tokens, baseline.new_tokens, strict=True)) / len(prompts)
-        tokens_per_s = spec.num_new_tokens / spec.seconds
-        drafted = [n for row in spec.drafted for n in row]
-        draft_ms, verify_ms = 1000 * sum(spec.draft_time_s), 1000 * sum(spec.verify_time_s)
-        reports[name] = EvalReport(
-            tau=stats.tau,
-            accept_rate=stats.accept_rate,
-            accept_rate_per_pos=stats.accept_rate_per_pos,
-            tokens_per_s=tokens_per_s,
-            ar_tokens_per_s=ar_tokens_per_s,
-            speedup=tokens_per_s / ar_tokens_per_s,
-            num_prompts=len(prompts),
-            new_tokens=spec.num_new_tokens,
-            verify_steps=stats.verify_steps,
-            drafted_per_step=sum(drafted) / len(drafted),
-            draft_ms_per_step=draft_ms / len(spec.draft_time_s),
-            verify_ms_per_step=verify_ms / len(spec.verify_time_s),
-            draft_ms_total=draft_ms,
-            verify_ms_total=verify_ms,
-            k=cfg.k,
-            tree_width=cfg.tree_width,
-            temperature=cfg.sampling.temperature,
-            greedy_matches_target=matches,
-            device=device_name(target.device),
+        spec = decode_prompts(
+            target, prompts, drafter=drafter, cfg=configs[name], desc=f"speculative, {name}", **common
         )
+        reports[name] = _report(spec, baseline, configs[name], device)
     return reports
 
 

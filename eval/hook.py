@@ -48,6 +48,8 @@ class SpecEvalCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a resumed run starts at the step its checkpoint was evaluated at (or step 0: never evaluated)
         self.evaluated_step = trainer.global_step
+        # the target decodes where the drafter trains (a cached run never moved it off the CPU)
+        self.target.to(pl_module.device)
 
     def _decode(self, drafter: Drafter | None):
         return decode_prompts(

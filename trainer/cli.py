@@ -7,11 +7,15 @@ stage. Bad input exits with status 2 and one message, never a traceback.
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+from torch import nn
 
 from specdec.data_prep import (
     CacheError,
     SourceError,
+    Target,
     TargetConfig,
     TargetLoadError,
     TemplateError,
@@ -20,10 +24,11 @@ from specdec.data_prep import (
     prepare_cache,
 )
 from specdec.eval import CausalLMDrafter
-from specdec.eval.drafters import DrafterLoadError
+from specdec.eval.drafters import Drafter, DrafterLoadError
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
 from specdec.eval.prompts import PromptError, load_prompts
 from specdec.trainer.config import (
+    CompareConfig,
     RecipeError,
     SpecdecConfig,
     compose_recipe,
@@ -32,10 +37,10 @@ from specdec.trainer.config import (
     recipe_summary,
     to_yaml,
 )
-from specdec.trainer.drafters import saved_kind
+from specdec.trainer.drafters import DRAFTERS, saved_kind
 from specdec.trainer.module import TrainingDiverged
 from specdec.trainer.registry import UnknownName
-from specdec.trainer.train import eos_token_ids, spec_config, train
+from specdec.trainer.train import eos_token_ids, spec_config, target_layers, train
 
 log = logging.getLogger("specdec")
 
@@ -49,7 +54,8 @@ GROUPS = {
     "objective": "objectives by name, each with a weight and its own fields",
     "trainer": "arguments of lightning.Trainer (devices, strategy, precision, max_steps, ...)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
-    "eval": "tau by the verifier: drafter, bench, num_prompts, max_new_tokens, k, tree_width, temperature, out",
+    "eval": "tau by the verifier: drafter (or compare: rows of drafter, untrained, mode, k), bench, num_prompts, "
+    "max_new_tokens, k, tree_width, temperature, out",
     "export": "the exported drafter: format (sglang, speculators, hf), dir",
     "run": "dir (everything of a run goes there) and seed",
 }
@@ -117,8 +123,9 @@ def _say_not_built(stage: str, issue: int) -> None:
 
 def _print_reports(reports: dict[str, EvalReport], bench: str) -> None:
     first = next(iter(reports.values()))
-    print(f"{bench}: {first.num_prompts} prompts, k={first.k}, {first.device}")
+    print(f"{bench}: {first.num_prompts} prompts, {first.device}")
     print(f"  autoregressive {first.ar_tokens_per_s:.1f} tokens/s")
+    width = max(10, *map(len, reports))
     for name, report in reports.items():
         matches = (
             ""
@@ -126,9 +133,10 @@ def _print_reports(reports: dict[str, EvalReport], bench: str) -> None:
             else f", output = target's greedy: {report.greedy_matches_target:.0%}"
         )
         print(
-            f"  {name:<10} tau {report.tau:.3f}  accepted per position "
+            f"  {name:<{width}} tau {report.tau:.3f}  k={report.k}, accepted per position "
             + " ".join(f"{r:.2f}" for r in report.accept_rate_per_pos)
-            + f"  {report.tokens_per_s:.1f} tokens/s, speedup {report.speedup:.2f}x{matches}"
+            + f"  {report.tokens_per_s:.1f} tokens/s, speedup {report.speedup:.2f}x, "
+            + f"draft {report.draft_ms_per_step:.1f} ms/step{matches}"
         )
 
 
@@ -145,7 +153,13 @@ def _train(cfg: SpecdecConfig) -> None:
 
 def _prep(cfg: SpecdecConfig) -> None:
     target = load_target(cfg.target, seed=cfg.run.seed)
-    layers = cfg.cache.layers or cfg.draft.target_layers(target.model.config.num_hidden_layers)
+    layers, _ = target_layers(cfg, target)
+    if not layers:
+        raise RecipeError(
+            f"draft.name={cfg.draft.name} with objectives {', '.join(cfg.objective)} reads no target layer, so "
+            "there is nothing to cache: run specdec-train directly (it tokenizes, and regenerates when "
+            "data.regenerate=true, by itself)."
+        )
     summary = prepare_cache(
         target, target_cfg=cfg.target, data_cfg=cfg.data, cache_cfg=cfg.cache, layers=layers, seed=cfg.run.seed
     )
@@ -174,38 +188,109 @@ def train_main(argv: list[str] | None = None) -> int:
     return _main("specdec-train", purpose, _train, argv)
 
 
-def _eval(cfg: SpecdecConfig) -> None:
+def _eval_rows(cfg: SpecdecConfig) -> list[tuple[str, CompareConfig]]:
+    """(dotted key, row) of each drafter specdec-eval measures: the rows of eval.compare, or else
+    eval.drafter, beside its untrained start when specdec-train saved it."""
+    if cfg.eval.compare:
+        return [(f"eval.compare[{i}]", row) for i, row in enumerate(cfg.eval.compare)]
     if cfg.eval.drafter is None:
         raise RecipeError(
             "eval.drafter: required; give a drafter trained by specdec-train (run.dir/drafter) or a causal LM "
-            "(directory or Hub id) that shares the target's tokenizer, e.g. eval.drafter=runs/smollm2_eagle3/drafter."
+            "(directory or Hub id) that shares the target's tokenizer, e.g. eval.drafter=runs/smollm2_eagle3/drafter "
+            "(or rows to measure side by side in eval.compare)."
         )
+    if saved_kind(cfg.eval.drafter) is None:
+        return [("eval", CompareConfig(name="drafter", drafter=cfg.eval.drafter))]
+    return [
+        ("eval", CompareConfig(name=name, drafter=cfg.eval.drafter, untrained=name == "untrained"))
+        for name in ("trained", "untrained")
+    ]
+
+
+def _check_rows(rows: list[tuple[str, CompareConfig]]) -> None:
+    """Refuse, in one message, every row that cannot be measured: a name used twice, k below 1, and
+    what only the drafter's directory tells (its kind, so its serving modes and whether it has an
+    untrained start). Runs before the target loads; the config check cannot look at directories."""
+    problems, first_with_name = [], {}
+    for key, row in rows:
+        if row.name in first_with_name:
+            problems.append(
+                f"{key}.name: {row.name!r} is also the name of {first_with_name[row.name]}; each row needs its own"
+            )
+        first_with_name.setdefault(row.name, key)
+        if row.k is not None and row.k < 1:
+            problems.append(f"{key}.k: {row.k}; expected null (eval.k) or at least one draft token")
+        kind = saved_kind(row.drafter)
+        if kind is None:
+            not_saved = f"{row.drafter} is not a drafter saved by specdec-train, so it is served as a causal LM"
+            if row.untrained:
+                problems.append(
+                    f"{key}.untrained: true, but {not_saved}, which has no untrained start; drop untrained, "
+                    "or give a drafter directory that specdec-train wrote (run.dir/drafter)"
+                )
+            if row.mode not in (None, "causal_lm"):
+                problems.append(f"{key}.mode: {row.mode!r}, but {not_saved}, token by token; set null (or causal_lm)")
+        elif row.mode is not None and row.mode not in kind.modes:
+            name = next(name for name, known in DRAFTERS.items() if known is kind)
+            others = f", or one of its other modes: {', '.join(sorted(kind.modes))}" if kind.modes else ""
+            problems.append(
+                f"{key}.mode: {row.mode!r} is not a serving mode of the {name} drafter in {row.drafter}; "
+                f"choose null (its default session){others}"
+            )
+    if problems:
+        raise RecipeError("; ".join(problems))
+
+
+def _drafter_model(cfg: SpecdecConfig, target: Target, path: str, *, key: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """(model, feature layers) of the drafter saved in `path`, or of the causal LM there (no features)."""
+    kind = saved_kind(path)
+    if kind is not None:
+        return kind.load(Path(path), target.model)
+    draft = load_target(TargetConfig(path=path, dtype=cfg.target.dtype), key=key)
+    check_same_tokenizer(target.tokenizer, draft.tokenizer, target_name=cfg.target.path, draft_name=path)
+    return draft.model, ()
+
+
+def _row_drafters(cfg: SpecdecConfig, target: Target, rows: list[tuple[str, CompareConfig]]) -> dict[str, Drafter]:
+    """Each row's drafter as it serves; a directory is loaded once however many rows read it."""
+    models = {}  # (drafter, untrained) -> (model, its feature layers)
+    drafters = {}
+    for key, row in rows:
+        kind = saved_kind(row.drafter)
+        if (row.drafter, False) not in models:
+            models[row.drafter, False] = _drafter_model(cfg, target, row.drafter, key=f"{key}.drafter")
+        if (row.drafter, row.untrained) not in models:  # untrained: a saved drafter's start (_check_rows)
+            trained, layers = models[row.drafter, False]
+            models[row.drafter, True] = kind.untrained_like(trained, target.model, cfg.run.seed), layers
+        model, layers = models[row.drafter, row.untrained]
+        if kind is None:
+            drafters[row.name] = CausalLMDrafter(model)
+        else:
+            drafters[row.name] = (kind.session if row.mode is None else kind.modes[row.mode])(model, layers)
+    return drafters
+
+
+def _eval(cfg: SpecdecConfig) -> None:
+    rows = _eval_rows(cfg)
+    _check_rows(rows)
     target = load_target(cfg.target, seed=cfg.run.seed)
     prompts = load_prompts(
         cfg.eval.bench, target.tokenizer, num_prompts=cfg.eval.num_prompts, chat_template=cfg.data.chat_template
     )
-    kind = saved_kind(cfg.eval.drafter)
-    if kind is not None:  # trained by specdec-train: compare with its untrained start
-        trained, layers = kind.load(Path(cfg.eval.drafter), target.model)
-        untrained = kind.untrained_like(trained, target.model, cfg.run.seed)
-        drafters = {"trained": kind.session(trained, layers), "untrained": kind.session(untrained, layers)}
-    else:
-        draft = load_target(TargetConfig(path=cfg.eval.drafter, dtype=cfg.target.dtype), key="eval.drafter")
-        check_same_tokenizer(
-            target.tokenizer, draft.tokenizer, target_name=cfg.target.path, draft_name=cfg.eval.drafter
-        )
-        drafters = {"drafter": CausalLMDrafter(draft.model)}
+    spec = spec_config(cfg)
     reports = evaluate_drafters(
         target.model,
-        drafters,
+        _row_drafters(cfg, target, rows),
         prompts,
-        cfg=spec_config(cfg),
+        cfg=spec,
+        configs={row.name: replace(spec, k=row.k) for _, row in rows if row.k is not None},
         eos_token_ids=eos_token_ids(target),
         batch_size=cfg.eval.batch_size,
         seed=cfg.run.seed,
     )
     out = Path(cfg.eval.out)
-    write_reports(reports, out, title=f"{cfg.eval.bench}, k={cfg.eval.k}")
+    ks = "/".join(str(k) for k in sorted({report.k for report in reports.values()}))
+    write_reports(reports, out, title=f"{cfg.eval.bench}, k={ks}")
     _print_reports(reports, cfg.eval.bench)
     print(f"  report {out}, plot {out.with_suffix('.png')}")
 

@@ -39,20 +39,6 @@ class RecipeError(ValueError):
 
 
 @dataclass
-class PardDraftConfig:
-    """PARD (An et al., arXiv 2504.18583): a small LM of the target's family drafts K tokens at once."""
-
-    name: str = "pard"
-    init: str = MISSING  # Hub id or directory of the small causal LM the draft starts from
-    mask_token_id: int = MISSING  # a reserved id of the tokenizer, used for every mask slot
-    k: int = 8  # draft tokens trained per forward (PARD-1 `para_num`)
-
-    def target_layers(self, num_layers: int) -> list[int]:
-        """PARD-1 reads no target features; the final normed state serves distillation."""
-        return [num_layers]
-
-
-@dataclass
 class CtcDraftConfig:
     """CTC-drafter (Wen et al., arXiv 2412.00061): a draft head with a blank symbol."""
 
@@ -65,15 +51,6 @@ class CtcDraftConfig:
 
 
 @dataclass
-class PardConfig:
-    """PARD cross entropy over K mask blocks with conditional drop-token (COD)."""
-
-    weight: float = 1.0
-    r: float = 0.7  # COD keep ratio r^i for block i (PARD-1 `down_sample_ration`)
-    r_min: float = 0.2  # floor of the keep ratio (PARD-1 `down_sample_ration_min`)
-
-
-@dataclass
 class CtcConfig:
     """CTC loss over a window of draft frames against the target's next tokens."""
 
@@ -83,8 +60,8 @@ class CtcConfig:
 
 
 # name -> (config dataclass, the issue that builds it)
-PLANNED_DRAFTERS: dict[str, tuple[type, int]] = {"pard": (PardDraftConfig, 17), "ctc": (CtcDraftConfig, 20)}
-PLANNED_OBJECTIVES: dict[str, tuple[type, int]] = {"pard": (PardConfig, 17), "ctc": (CtcConfig, 20)}
+PLANNED_DRAFTERS: dict[str, tuple[type, int]] = {"ctc": (CtcDraftConfig, 20)}
+PLANNED_OBJECTIVES: dict[str, tuple[type, int]] = {"ctc": (CtcConfig, 20)}
 
 
 def draft_configs() -> dict[str, type]:
@@ -138,6 +115,19 @@ class OptimConfig:
 
 
 @dataclass
+class CompareConfig:
+    """One row of a specdec-eval comparison: a drafter, how it is served, and its draft length."""
+
+    name: str = MISSING  # its row in the report
+    # a drafter saved by specdec-train (run.dir/drafter), or a causal LM (directory or Hub id) that
+    # shares the target's tokenizer
+    drafter: str = MISSING
+    untrained: bool = False  # the saved drafter's untrained start instead (the kind's untrained_like)
+    mode: str | None = None  # a serving mode of the drafter's kind (its `modes`); None = its default session
+    k: int | None = None  # draft tokens per verify step; None = eval.k
+
+
+@dataclass
 class EvalConfig:
     """Tau measured by the engine and verifier of specdec.eval, in specdec-eval and the eval hook."""
 
@@ -155,6 +145,8 @@ class EvalConfig:
     every_n_steps: int = 100  # eval hook period during training
     hook_num_prompts: int = 8  # prompts the hook decodes: the bench's next ones after the num_prompts of the report
     out: str = "${run.dir}/eval.json"  # the report; the acceptance plot goes beside it as .png
+    # when given, specdec-eval measures these rows instead of eval.drafter, against one baseline
+    compare: list[CompareConfig] = field(default_factory=list)
 
 
 class ExportFormat(str, Enum):

@@ -64,10 +64,13 @@ class DrafterModule(L.LightningModule):
             self.frozen["target"].to(self.device)
 
     @torch.no_grad()
-    def target_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, T, L, H] bfloat16: the cache's field, from the target in the loop when online."""
+    def target_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """[B, T, L, H] bfloat16: the cache's field, from the target in the loop when online; None
+        when the drafter and its objectives read no target layer."""
         if "hidden" in batch:
             return batch["hidden"]
+        if not self.layers:
+            return None
         with torch.autocast(self.device.type, enabled=False):  # the target runs in its own dtype, as in prep
             output = self.frozen["target"].base_model(
                 input_ids=batch["input_ids"],

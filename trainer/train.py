@@ -43,8 +43,9 @@ from specdec.eval.hook import SpecEvalCallback
 from specdec.eval.prompts import PromptError, load_prompts
 from specdec.trainer.config import PLANNED_DRAFTERS, PLANNED_OBJECTIVES, RecipeError, SpecdecConfig
 from specdec.trainer.data import CachedSamples, DrafterData, TokenSamples, steps_per_epoch
-from specdec.trainer.drafters import drafter_kind
+from specdec.trainer.drafters import DRAFTERS, DrafterKind, drafter_kind
 from specdec.trainer.module import DrafterModule
+from specdec.trainer.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +89,36 @@ def eos_token_ids(target: Target) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def target_layers(cfg: SpecdecConfig, target: Target) -> list[int]:
-    """The cached layers: the drafter's features, then the final normed state for the teacher."""
+def needs_teacher(cfg: SpecdecConfig, kind: DrafterKind) -> bool:
+    """Whether an objective of the recipe takes an input the drafter kind computes from the target's
+    final normed state (PARD-1's cross entropy takes none: it trains on the data's tokens alone)."""
+    return any(set(OBJECTIVES[name].inputs) & kind.teacher_inputs for name in cfg.objective)
+
+
+def target_layers(cfg: SpecdecConfig, target: Target) -> tuple[list[int], tuple[int, ...]]:
+    """(the target layers cached or computed online, the drafter's features among them): the layers
+    the drafter reads, then the final normed state N when an objective needs the teacher. Empty
+    when neither: the drafter trains on token ids alone, with no cache and no target forward."""
+    kind = DRAFTERS.get(cfg.draft.name)  # a planned kind (check_built) caches as if it needed the teacher
     num_layers = target.model.config.num_hidden_layers
-    layers = list(cfg.cache.layers or cfg.draft.target_layers(num_layers))
-    if layers[-1] != num_layers:
+    teacher = kind is None or needs_teacher(cfg, kind)
+    if not cfg.cache.layers:
+        features = list(cfg.draft.target_layers(num_layers))
+        return features + [num_layers] * teacher, tuple(features)
+    layers = list(cfg.cache.layers)
+    if teacher and layers[-1] != num_layers:
         raise RecipeError(
             f"cache.layers={layers}: the last id must be {num_layers}, the target's final normed state, from "
             f"which the teacher's distribution is computed (e.g. cache.layers=[...,{num_layers}])."
         )
-    return layers
+    return layers, tuple(layers[:-1] if teacher else layers)
 
 
 def training_set(cfg: SpecdecConfig, target: Target, layers: list[int], progress: bool):
-    """CachedSamples (offline: the cache, built first if it is missing) or TokenSamples (online)."""
+    """CachedSamples (offline: the cache, built first if it is missing) or TokenSamples (online, or
+    when no target layer is needed)."""
     key = cache_key(target, cfg.target, cfg.data, cfg.cache, layers=layers, seed=cfg.run.seed)
-    if cfg.cache.online:
+    if cfg.cache.online or not layers:
         samples, _, _ = training_samples(
             target, cfg.data, key=key, work_dir=Path(cfg.cache.dir), seed=cfg.run.seed, progress=progress
         )
@@ -149,7 +164,7 @@ def train(
         check_same_tokenizer(target.tokenizer, draft_tokenizer, target_name=cfg.target.path, draft_name=draft_init)
     check_built(cfg)
     kind = drafter_kind(cfg.draft.name)
-    layers = target_layers(cfg, target)
+    layers, feature_layers = target_layers(cfg, target)
     dataset = training_set(cfg, target, layers, progress)
     draft = kind.build(cfg.draft, target, dataset.token_samples(), cfg.run.seed)
     untrained = kind.untrained_like(draft, target.model, cfg.run.seed)
@@ -160,7 +175,7 @@ def train(
         objectives=cfg.objective,
         optim=cfg.optim,
         lm_head=target.model.get_output_embeddings().weight,
-        target=target.model if cfg.cache.online else None,
+        target=target.model if cfg.cache.online and layers else None,
         layers=layers,
         eval_k=cfg.eval.k,
     )
@@ -178,7 +193,6 @@ def train(
         )
     report_prompts, hook_prompts = prompts[: cfg.eval.num_prompts], prompts[cfg.eval.num_prompts :]
     spec, eos = spec_config(cfg), eos_token_ids(target)
-    feature_layers = tuple(layers[:-1])
     hook = SpecEvalCallback(
         target=target.model,
         prompts=hook_prompts,
@@ -241,6 +255,7 @@ def train(
         log.info("drafter from %s (eval/tau %.3f)", best.best_model_path, best.best_model_score)
     drafter_dir = kind.save(module.draft, run_dir / "drafter", target.model.config, feature_layers)
     trained, _ = kind.load(drafter_dir, target.model)
+    trained, untrained = trained.to(target.model.device), untrained.to(target.model.device)  # where the hook put it
     reports = {}
     if report and trainer.is_global_zero:
         reports = evaluate_drafters(

@@ -1,7 +1,9 @@
+import dataclasses
 import functools
 import itertools
 import json
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -55,24 +57,28 @@ def _reference_tree_paths(model, context: list[int], depth: int, width: int) -> 
     return paths
 
 
-@functools.cache
-def _reference_accepted(drafter: str, width: int, k: int = 4) -> list[list[int]]:
+def reference_accepted(drafted_paths: Callable[[list[int]], set[tuple[int, ...]]], k: int) -> list[list[int]]:
     """The accepted counts greedy speculative decoding must record, per prompt and step, computed
-    without the engine: the draft model drafts from the reference prefix by full forwards, a step
-    accepts the longest drafted path that equals the target's continuation, and the output keeps at
-    most NEW_TOKENS tokens (accepted drafts past that do not count)."""
-    model, accepted = DRAFT_MODELS[drafter], []
+    without the engine: `drafted_paths(context)` gives every path the draft proposes after a context
+    (from full forwards), a step accepts the longest of them that equals the target's continuation,
+    and the output keeps at most NEW_TOKENS tokens (accepted drafts past that do not count)."""
+    accepted = []
     for prompt, reference in zip(PROMPTS, REFERENCE, strict=True):
         done, steps = 0, []
         while done < NEW_TOKENS:
-            context = prompt + reference[:done]
-            paths = _reference_tree_paths(model, context, k, width)
+            paths = drafted_paths(prompt + reference[:done])
             matched = max(n for n in range(k + 1) if n == 0 or tuple(reference[done : done + n]) in paths)
             kept = min(matched + 1, NEW_TOKENS - done)
             steps.append(min(matched, kept))
             done += kept
         accepted.append(steps)
     return accepted
+
+
+@functools.cache
+def _reference_accepted(drafter: str, width: int, k: int = 4) -> list[list[int]]:
+    """What the engine must record with DRAFT_MODELS[drafter] drafting EAGLE-2 trees (or chains)."""
+    return reference_accepted(lambda context: _reference_tree_paths(DRAFT_MODELS[drafter], context, k, width), k)
 
 
 def test_the_autoregressive_loop_is_the_targets_greedy_decode() -> None:
@@ -253,6 +259,57 @@ def test_the_report_carries_draft_and_verify_times_and_drafted_lengths(tmp_path)
     assert written["draft_ms_per_step"] >= 1000 * DRAFT_SLEEP_S
     lengths = [length for step in drafter.log[-steps:] for _, length in step]  # the log holds the warm-up too
     assert written["drafted_per_step"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_drafters_at_their_own_k_share_one_autoregressive_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = [Prompt("a", PROMPTS[0]), Prompt("b", PROMPTS[1])]
+    drafters = {
+        "agrees, k=2": CausalLMDrafter(DRAFT_MODELS["always agrees"]),
+        "sometimes, k=5": CausalLMDrafter(DRAFT_MODELS["sometimes agrees"]),
+    }
+    calls = []  # (drafter name or None for the baseline, k, max_new_tokens) of every generate call
+    names = {id(drafter): name for name, drafter in drafters.items()}
+    original = evaluate.generate
+
+    def recording_generate(target, batch, *, drafter, cfg, **kwargs):
+        calls.append((names.get(id(drafter)), cfg.k, cfg.max_new_tokens))
+        return original(target, batch, drafter=drafter, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", recording_generate)
+    cfg = SpecConfig(k=3, max_new_tokens=12)
+    reports = evaluate.evaluate_drafters(
+        TARGET,
+        drafters,
+        prompts,
+        cfg=cfg,
+        configs={"agrees, k=2": dataclasses.replace(cfg, k=2), "sometimes, k=5": dataclasses.replace(cfg, k=5)},
+        eos_token_ids=set(),
+        batch_size=2,
+        progress=False,
+    )
+    assert [report.k for report in reports.values()] == [2, 5]
+    assert [len(report.accept_rate_per_pos) for report in reports.values()] == [2, 5]
+    assert [report.drafted_per_step for report in reports.values()] == [2, 5]  # full chains of their own k
+    assert reports["agrees, k=2"].ar_tokens_per_s == reports["sometimes, k=5"].ar_tokens_per_s
+    assert all(report.greedy_matches_target == 1.0 for report in reports.values())
+    # the baseline once (one batch of two), each drafter warmed up (4 tokens) and run at its own k
+    assert calls == [
+        ("agrees, k=2", 2, 4),
+        ("sometimes, k=5", 5, 4),
+        (None, 3, 12),
+        ("agrees, k=2", 2, 12),
+        ("sometimes, k=5", 5, 12),
+    ]
+
+
+def test_a_drafter_config_that_changes_the_baseline_is_refused() -> None:
+    prompts = [Prompt("a", PROMPTS[0])]
+    cfg = SpecConfig(k=3, max_new_tokens=12)
+    configs = {"long": dataclasses.replace(cfg, max_new_tokens=20), "nope": cfg}
+    with pytest.raises(ValueError, match=r"configs\['nope'\]: no such drafter; configs\['long'\]: max_new_tokens=20"):
+        evaluate.evaluate_drafters(
+            TARGET, {"long": CausalLMDrafter(TARGET)}, prompts, cfg=cfg, configs=configs, eos_token_ids=set()
+        )
 
 
 # Sampling losslessness on a 6-token vocabulary: the law of the first new tokens, exactly.

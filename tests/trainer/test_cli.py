@@ -173,3 +173,107 @@ def test_eval_writes_the_report_and_the_plot(
 def test_eval_without_a_drafter_says_what_to_give(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.eval_main(["recipe=tiny", f"run.dir={tmp_path}"]) == 2
     assert "eval.drafter: required" in capsys.readouterr().err
+
+
+def test_eval_compare_is_read_from_a_hydra_override_and_survives_the_saved_config(tmp_path: Path) -> None:
+    from specdec.trainer.config import CompareConfig, to_yaml
+
+    rows = "[{name: a, drafter: runs/x/drafter, k: 8}, {name: b, drafter: some/lm, untrained: true, mode: causal_lm}]"
+    cfg = compose_recipe("tiny", [f"eval.compare={rows}"])
+    assert cfg.eval.compare == [
+        CompareConfig(name="a", drafter="runs/x/drafter", k=8),
+        CompareConfig(name="b", drafter="some/lm", untrained=True, mode="causal_lm"),
+    ]
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert compose_recipe(str(tmp_path / "config.yaml"), []) == cfg  # the run's config.yaml is a recipe again
+    assert compose_recipe("tiny", [f"eval.compare={rows}", "eval.compare.0.k=3"]).eval.compare[0].k == 3
+
+
+def test_eval_compare_refuses_a_row_without_its_name_naming_the_key() -> None:
+    from specdec.trainer.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"eval\.compare\[1\]\.name: required"):
+        compose_recipe("tiny", ["eval.compare=[{name: a, drafter: x}, {drafter: y}]"])
+
+
+@pytest.fixture(scope="module")
+def tiny_eagle3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EAGLE-3 drafter for the tiny recipe's target, saved as specdec-train saves one (seed 1: not
+    the untrained start, which specdec-eval rebuilds with run.seed 0)."""
+    import torch
+
+    from specdec.data_prep import load_target
+    from specdec.trainer.drafters.draft_vocab import draft_vocab
+    from specdec.trainer.drafters.eagle3 import EAGLE3, new_eagle3
+
+    cfg = compose_recipe("tiny", [])
+    target = load_target(cfg.target, seed=cfg.run.seed)
+    counts = torch.arange(target.model.config.vocab_size).flip(0)  # the draft vocabulary: the lowest ids
+    d2t, t2d = draft_vocab(counts, cfg.draft.vocab_size)
+    draft = new_eagle3(target.model, d2t, t2d, seed=1)
+    return EAGLE3.save(draft, tmp_path_factory.mktemp("eagle3"), target.model.config, (1, 2, 3))
+
+
+def _counting(calls: list[str], name: str, function):
+    def counted(*args):
+        calls.append(name)
+        return function(*args)
+
+    return counted
+
+
+def test_eval_compare_measures_each_row_at_its_own_k_against_one_baseline(
+    tiny_eagle3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import dataclasses
+    import json
+
+    from specdec.trainer.drafters import DRAFTERS
+    from specdec.trainer.drafters.eagle3 import EAGLE3
+
+    calls = []  # the directory is loaded once for its three rows; the untrained start is built once
+    counted = dataclasses.replace(
+        EAGLE3,
+        load=_counting(calls, "load", EAGLE3.load),
+        untrained_like=_counting(calls, "untrained_like", EAGLE3.untrained_like),
+        modes={"chain": _counting(calls, "chain", EAGLE3.session)},
+    )
+    monkeypatch.setitem(DRAFTERS, "eagle3", counted)
+    rows = (
+        f"[{{name: trained, drafter: {tiny_eagle3_dir}, k: 2}}, {{name: start, drafter: {tiny_eagle3_dir}, "
+        f"untrained: true, k: 3}}, {{name: trained-chain, drafter: {tiny_eagle3_dir}, mode: chain}}]"
+    )
+    argv = ["recipe=tiny", f"run.dir={tmp_path}", "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.k=4"]
+    assert cli.eval_main([*argv, f"eval.compare={rows}"]) == 0
+    assert calls == ["load", "untrained_like", "chain"]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert list(report) == ["trained", "start", "trained-chain"]
+    assert [row["k"] for row in report.values()] == [2, 3, 4]  # a row without k takes eval.k
+    assert [len(row["accept_rate_per_pos"]) for row in report.values()] == [2, 3, 4]
+    assert len({row["ar_tokens_per_s"] for row in report.values()}) == 1  # one shared baseline
+    assert all(row["greedy_matches_target"] == 1.0 for row in report.values())
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:5]] == ["trained", "start", "trained-chain"]
+    assert [line.split()[3] for line in lines[2:5]] == ["k=2,", "k=3,", "k=4,"]
+    assert all(" ms/step" in line for line in lines[2:5])
+
+
+def test_eval_compare_refuses_bad_rows_in_one_message_before_loading_anything(
+    tiny_eagle3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    lm = tmp_path / "some-lm"  # not a saved drafter: read as a causal LM
+    rows = (
+        f"[{{name: a, drafter: {tiny_eagle3_dir}}}, {{name: a, drafter: {tiny_eagle3_dir}, mode: parallel, k: 0}}, "
+        f"{{name: c, drafter: {lm}, untrained: true, mode: parallel}}]"
+    )
+    assert cli.eval_main(["recipe=tiny", f"run.dir={tmp_path}", f"eval.compare={rows}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("specdec-eval: eval.compare[1].name: 'a' is also the name of ")
+    assert "eval.compare[1].k: 0; expected null (eval.k) or at least one draft token" in err
+    assert (
+        f"eval.compare[1].mode: 'parallel' is not a serving mode of the eagle3 drafter in {tiny_eagle3_dir}; "
+        "choose null (its default session)"
+    ) in err
+    assert f"eval.compare[2].untrained: true, but {lm} is not a drafter saved by specdec-train" in err
+    assert "eval.compare[2].mode: 'parallel', but " in err
+    assert not (tmp_path / "eval.json").exists()

@@ -8,8 +8,6 @@ import pytest
 from specdec.data_prep import assets
 from specdec.data_prep.assets import Asset
 from specdec.trainer.config import (
-    PardConfig,
-    PardDraftConfig,
     RecipeError,
     SpecdecConfig,
     TrainerConfig,
@@ -20,6 +18,8 @@ from specdec.trainer.config import (
     recipe_names,
     to_yaml,
 )
+from specdec.trainer.drafters.pard import PardDraftConfig
+from specdec.trainer.objectives.pard import PardConfig
 from specdec.trainer.objectives.ttt import TttConfig
 
 # Every recipe the package ships: the yaml files beside specdec.recipes.
@@ -43,8 +43,11 @@ def test_every_recipe_composes_to_typed_sections(name: str) -> None:
 def test_pard_llama3_carries_the_pard1_settings() -> None:
     cfg = compose_recipe("pard_llama3", [])
     assert cfg.target.path == "meta-llama/Llama-3.1-8B-Instruct"
-    assert cfg.draft == PardDraftConfig(init="meta-llama/Llama-3.2-1B", mask_token_id=128020, k=8)
-    assert cfg.objective == {"pard": PardConfig(weight=1.0, r=0.7, r_min=0.2)}
+    assert cfg.draft == PardDraftConfig(
+        init="meta-llama/Llama-3.2-1B", mask_token_id=128020, k=8, r=0.7, r_min=0.2, loss_on_prompts=True
+    )
+    assert cfg.objective == {"pard": PardConfig(weight=1.0)}
+    assert cfg.eval.k == 12  # PARD serves K=12 after training K=8
     assert (cfg.optim.lr, cfg.optim.schedule.value) == (1e-5, "constant")
     assert (cfg.trainer.max_epochs, cfg.trainer.precision, cfg.trainer.strategy) == (
         4,
@@ -77,7 +80,8 @@ def test_all_problems_are_reported_at_once() -> None:
     assert message.startswith("recipe=tiny: ")
     for expected in (
         "draft.k: unknown key; Eagle3DraftConfig has: name, vocab_size",
-        "objective.foo: not an objective; choose from expected_accept, kd, lk_alpha, lk_hybrid, ttt, pard, ctc",
+        "objective.foo: not an objective; choose from expected_accept, kd, lk_alpha, lk_hybrid, pard, pard_cat, "
+        "ttt, ctc",
         "optim.lr: -1.0; expected a positive learning rate",
         "eval.k: 0; expected at least one draft token",
     ):
@@ -94,7 +98,7 @@ def test_all_problems_are_reported_at_once() -> None:
         ("objective.ttt.weight=0", "objective.ttt.weight: 0.0; expected a positive weight"),
         (
             "~objective.ttt",
-            "objective: empty; give at least one of expected_accept, kd, lk_alpha, lk_hybrid, ttt, pard, ctc",
+            "objective: empty; give at least one of expected_accept, kd, lk_alpha, lk_hybrid, pard, pard_cat, ttt, ctc",
         ),
         ("target.path=???", "target.path: required, but the recipe does not set it"),
     ],

@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     run_dir = tmp_path_factory.mktemp("tiny")
     cfg = compose_recipe("tiny", [f"run.dir={run_dir}", "data.max_samples=8", "data.max_length=64"])
     target = load_target(cfg.target, seed=cfg.run.seed)
-    layers = target_layers(cfg, target)
+    layers, _ = target_layers(cfg, target)
     cached = training_set(cfg, target, layers, progress=False)
     kind = drafter_kind("eagle3")
     draft = kind.build(cfg.draft, target, cached.token_samples(), cfg.run.seed)

@@ -1,16 +1,18 @@
 """Drafter kinds: everything the trainer, the CLI and the report need to know about one kind of
 drafter, registered by name (`draft.name` in a recipe) next to its implementation.
 
-A kind bundles plain functions over its nn.Module (which lives in specdec.eval.drafters, where the
-engine runs it): its recipe dataclass, how a fresh drafter is built and how its untrained start is
-rebuilt, how a training batch becomes the tensors its objectives take, the diagnostics logged every
-logging step, its inference session, and how it is saved and loaded. DrafterModule, the data
+A kind bundles plain functions over its nn.Module (EAGLE-3's lives in specdec.eval.drafters, beside
+the session the engine runs; PARD's is a plain transformers causal LM): its recipe dataclass, how a
+fresh drafter is built and how its untrained start is rebuilt, how a training batch becomes the
+tensors its objectives take (and which of them come from the target's final state, so that the
+trainer caches that state only when an objective takes one), the diagnostics logged every logging
+step, its inference session (and other serving modes), and how it is saved and loaded. DrafterModule, the data
 module, `specdec-train`, `specdec-eval` and the benchmarks go through these alone, so a new kind is
 one file here with `register_drafter(name, DrafterKind(...))` and one import line below.
 """
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class DrafterKind:
-    config: type  # the recipe's `draft` dataclass; its target_layers(num_layers) names the cached layers
+    config: type  # the recipe's `draft` dataclass; its target_layers(num_layers) names the layers the drafter reads
     # (draft cfg, target, token samples {input_ids, loss_mask}, seed) -> a fresh float32 drafter
     build: Callable[[object, Target, Iterable[Batch], int], nn.Module]
     # (trained drafter, target model, seed) -> its untrained start in the target's dtype, eval mode
@@ -35,6 +37,9 @@ class DrafterKind:
     #   -> the keyword tensors of the objectives (and of `diagnostics`)
     training_inputs: Callable[[nn.Module, Batch, torch.Tensor, torch.Tensor, object], dict[str, torch.Tensor]]
     inputs: frozenset[str]  # the keys training_inputs returns: what this kind's objectives may take
+    # the inputs computed from the target's final normed state (the teacher): when a recipe's objectives
+    # take one, that state (layer N) is cached after the drafter's own layers and target_hidden ends with it
+    teacher_inputs: frozenset[str]
     # (training inputs, draft tokens per verify step at serving) -> train/* metrics
     diagnostics: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
     # names of the drafter's tensors that belong to the target (never trained, saved or checkpointed)
@@ -49,6 +54,8 @@ class DrafterKind:
     load: Callable[[Path, PreTrainedModel], tuple[nn.Module, tuple[int, ...]]]
     is_saved: Callable[[Path], bool]  # whether a directory holds a drafter of this kind
     module: str  # where it is registered, for the duplicate-name error
+    # other ways to serve the same drafter, by name (`eval.compare[].mode`); `session` is the default
+    modes: Mapping[str, Callable[[nn.Module, tuple[int, ...]], Drafter]] = field(default_factory=dict)
 
 
 DRAFTERS: dict[str, DrafterKind] = {}
@@ -68,6 +75,6 @@ def saved_kind(directory: str | Path) -> DrafterKind | None:
     return next((kind for kind in DRAFTERS.values() if kind.is_saved(Path(directory))), None)
 
 
-from specdec.trainer.drafters import eagle3  # noqa: E402 (it registers here)
+from specdec.trainer.drafters import eagle3, pard  # noqa: E402 (they register here)
 
-__all__ = ["DRAFTERS", "DrafterKind", "drafter_kind", "eagle3", "register_drafter", "saved_kind"]
+__all__ = ["DRAFTERS", "DrafterKind", "drafter_kind", "eagle3", "pard", "register_drafter", "saved_kind"]

@@ -50,8 +50,9 @@ class Eagle3DraftConfig:
     unroll_steps: int = 7  # draft steps unrolled in training, the training-time test's length (reference code)
 
     def target_layers(self, num_layers: int) -> list[int]:
-        """Entering layers 2, N//2 and N-3 (EAGLE-3 reference code), and the final normed state N."""
-        return [2, num_layers // 2, num_layers - 3, num_layers]
+        """Entering layers 2, N//2 and N-3 (EAGLE-3 reference code); the teacher's final normed state
+        N follows them in the cache."""
+        return [2, num_layers // 2, num_layers - 3]
 
 
 def new_eagle3(target: PreTrainedModel, d2t: torch.Tensor, t2d: torch.Tensor, *, seed: int) -> Eagle3Model:
@@ -192,6 +193,7 @@ def diagnostics(inputs: dict[str, torch.Tensor], eval_k: int) -> dict[str, torch
     return metrics
 
 
+INPUTS = frozenset({"draft_logits", "target_probs", "loss_mask", "target_argmax", "answer_mask"})
 EAGLE3 = register_drafter(
     "eagle3",
     DrafterKind(
@@ -199,7 +201,8 @@ EAGLE3 = register_drafter(
         build=build,
         untrained_like=untrained_like,
         training_inputs=training_inputs,
-        inputs=frozenset({"draft_logits", "target_probs", "loss_mask", "target_argmax", "answer_mask"}),
+        inputs=INPUTS,
+        teacher_inputs=INPUTS,  # even the loss mask: a place counts where the target's argmax is a draft token
         diagnostics=diagnostics,
         shared_keys=shared_keys,
         session=Eagle3Drafter,

@@ -64,7 +64,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros_like(values)).sum() / count.clamp(min=1)
 
 
-from specdec.trainer.objectives import expected_accept, kd, lk, ttt  # noqa: E402 (they register here)
+from specdec.trainer.objectives import expected_accept, kd, lk, pard, pard_cat, ttt  # noqa: E402 (they register here)
 
 __all__ = [
     "OBJECTIVES",
@@ -74,6 +74,8 @@ __all__ = [
     "kd",
     "lk",
     "masked_mean",
+    "pard",
+    "pard_cat",
     "register_objective",
     "scatter_rows",
     "ttt",
