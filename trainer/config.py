@@ -237,6 +237,12 @@ _RANGES = [
     ("eval.top_p", lambda v: 0 < v <= 1, "a probability in (0, 1]"),
     ("eval.batch_size", lambda v: v >= 1, "at least one prompt"),
     ("eval.max_new_tokens", lambda v: v >= 1, "at least one token"),
+    # fields of one drafter kind (PARD's); a recipe of another kind has no such key and skips them
+    ("draft.k", lambda v: v >= 1, "at least one block"),
+    ("draft.r", lambda v: 0 < v <= 1, "a keep ratio in (0, 1]"),
+    ("draft.r_min", lambda v: 0 <= v <= 1, "a keep ratio in [0, 1]"),
+    ("draft.num_layers", lambda v: v is None or v >= 1, "null (every layer) or at least one layer"),
+    ("draft.lora.r", lambda v: v >= 0, "0 (no adapter) or a positive rank"),
 ]
 
 

@@ -109,6 +109,20 @@ def test_bad_values_are_refused_with_their_key(override: str, expected: str | No
     assert expected is None or expected in str(error.value)
 
 
+def test_pard_fields_out_of_range_are_refused_together() -> None:
+    overrides = ["draft.k=0", "draft.r=1.5", "draft.r_min=-0.1", "draft.num_layers=0", "draft.lora.r=-2"]
+    with pytest.raises(RecipeError) as error:
+        compose_recipe("pard_smollm2", overrides)
+    for expected in (
+        "draft.k: 0; expected at least one block",
+        "draft.r: 1.5; expected a keep ratio in (0, 1]",
+        "draft.r_min: -0.1; expected a keep ratio in [0, 1]",
+        "draft.num_layers: 0; expected null (every layer) or at least one layer",
+        "draft.lora.r: -2; expected 0 (no adapter) or a positive rank",
+    ):
+        assert expected in str(error.value)
+
+
 def test_a_required_draft_field_left_unset_is_named() -> None:
     with pytest.raises(RecipeError, match=r"draft\.mask_token_id: required, but the recipe does not set it"):
         compose_recipe("pard_llama3", ["draft.mask_token_id=???"])
