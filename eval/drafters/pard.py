@@ -24,7 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from specdec.data_prep.padding import pad
 from specdec.eval import kv
-from specdec.eval.drafters import ChainProposal
+from specdec.eval.drafters import ChainProposal, DrafterLoadError
 from specdec.eval.tree import DraftTree, expand_tree
 from specdec.eval.verify import Sampling, to_probs
 
@@ -35,9 +35,9 @@ class PardDrafter:
     def __init__(self, model: PreTrainedModel, mask_token_id: int) -> None:
         vocab_size = model.get_input_embeddings().num_embeddings
         if not 0 <= mask_token_id < vocab_size:
-            raise ValueError(
-                f"PARD's mask_token_id {mask_token_id} is not a token of the draft model (ids 0..{vocab_size - 1}); "
-                "give the id of the reserved token the draft was trained with as its mask"
+            raise DrafterLoadError(
+                f"PARD's mask token {mask_token_id} (`pard_token` of a saved drafter's config.json) is not a token "
+                f"of the draft model (ids 0..{vocab_size - 1}); give the reserved id the draft was trained with."
             )
         self.model = model.eval()
         self.mask_token_id = mask_token_id

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from specdec.data_prep.padding import pad
 from specdec.eval import PardDrafter, Sampling, SpecConfig, generate
+from specdec.eval.drafters import DrafterLoadError
 from specdec.eval.verify import to_probs
 from tests.eval.helpers import chi_square_p_value, perturbed, tiny_lm
 from tests.eval.test_engine import (
@@ -160,3 +161,9 @@ def test_sampled_output_over_three_tokens_follows_the_target_at_temperature_and_
     law = _exact_law(NUCLEUS, length=3, target=PEAKED_TARGET)
     assert counts[law == 0].sum() == 0
     assert chi_square_p_value(counts, law) > ALPHA
+
+
+def test_a_mask_id_outside_the_draft_vocabulary_is_refused_with_its_key() -> None:
+    message = r"PARD's mask token 64 \(`pard_token` of a saved drafter's config\.json\) is not a token"
+    with pytest.raises(DrafterLoadError, match=message):
+        PardDrafter(TARGET, mask_token_id=64)
