@@ -56,6 +56,24 @@ def append(
     )
 
 
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
+    """A fresh cache of `model` over a left-padded context [B, T] (attention_mask marks its valid
+    entries); the LM head runs on the last position only, whose logits nobody reads."""
+    cache = DynamicCache(config=model.config)
+    if input_ids.shape[1]:
+        with torch.inference_mode():
+            append(
+                model,
+                cache,
+                attention_mask[:, :0],
+                input_ids,
+                prefill_positions(attention_mask),
+                unless_all_visible(attention_mask),
+                logits_to_keep=1,
+            )
+    return cache
+
+
 def _gather_layers(cache: DynamicCache, index: torch.Tensor) -> None:
     for layer in cache.layers:
         idx = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
@@ -114,6 +132,11 @@ def tree_attention_mask(attention_mask: torch.Tensor, ancestors: torch.Tensor, d
     """Additive 4-D mask [B, 1, A, S + A] for a block whose entry i may see block entry j iff
     ancestors[b, i, j] (True on the diagonal), and every valid entry before the block."""
     visible = torch.cat([attention_mask.bool()[:, None, :].expand(-1, ancestors.shape[1], -1), ancestors], dim=2)
+    return additive_mask(visible, dtype)[:, None]
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean "query may see key" mask as the additive one a model takes: 0 where visible, the
+    dtype's lowest value elsewhere."""
     additive = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-    additive.masked_fill_(~visible, torch.finfo(dtype).min)
-    return additive[:, None]
+    return additive.masked_fill_(~visible, torch.finfo(dtype).min)

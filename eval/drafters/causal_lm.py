@@ -8,7 +8,7 @@ without a lagging token get a masked slot there, dropped at commit).
 """
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal
@@ -32,13 +32,9 @@ class CausalLMDrafter:
         return output.logits
 
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
-        self.cache = DynamicCache(config=self.model.config)
-        self.mask = attention_mask[:, :0]
+        self.cache, self.mask = kv.prefill(self.model, input_ids, attention_mask), attention_mask
         self.lagging = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         self.lag_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
-        if input_ids.shape[1]:
-            self._forward(input_ids, kv.prefill_positions(attention_mask), kv.unless_all_visible(attention_mask), 1)
-            self.mask = attention_mask
 
     def _feed_pending(self, pending: torch.Tensor) -> torch.Tensor:
         """First forward of a step: [lag slot,] pending. Returns the pending token's logits [B, V]."""

@@ -20,7 +20,7 @@ under every frontier node.
 """
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from specdec.data_prep.padding import pad
 from specdec.eval import kv
@@ -43,22 +43,9 @@ class PardDrafter:
         self.mask_token_id = mask_token_id
 
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
-        self.cache = DynamicCache(config=self.model.config)
-        self.mask = attention_mask[:, :0]
+        self.cache, self.mask = kv.prefill(self.model, input_ids, attention_mask), attention_mask
         self.unfed = input_ids[:, :0]  # [B, U]: accepted drafts not yet in the cache, left-padded
         self.unfed_mask = attention_mask[:, :0]  # [B, U]: 1 on the real ones
-        if input_ids.shape[1]:
-            with torch.inference_mode():
-                kv.append(
-                    self.model,
-                    self.cache,
-                    self.mask,
-                    input_ids,
-                    kv.prefill_positions(attention_mask),
-                    kv.unless_all_visible(attention_mask),
-                    logits_to_keep=1,
-                )
-            self.mask = attention_mask
 
     def _draft_logits(self, pending: torch.Tensor, k: int) -> torch.Tensor:
         """One forward of [unfed, pending, m x (K-1)]; the logits [B, K, V] of d_1 .. d_K."""
