@@ -167,7 +167,7 @@ def train(
     layers, feature_layers = target_layers(cfg, target)
     dataset = training_set(cfg, target, layers, progress)
     draft = kind.build(cfg.draft, target, dataset.token_samples(), cfg.run.seed)
-    untrained = kind.untrained_like(draft, target.model, cfg.run.seed)
+    untrained = kind.serving_copy(draft, target.model.dtype)  # its start, kept before any step changes it
     module = DrafterModule(
         draft,
         kind=kind,

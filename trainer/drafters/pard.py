@@ -30,6 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from specdec.data_prep import TargetConfig, load_target
+from specdec.eval import kv
 from specdec.eval.drafters import DrafterLoadError
 from specdec.eval.drafters.causal_lm import CausalLMDrafter
 from specdec.eval.drafters.pard import PardDrafter
@@ -222,9 +223,7 @@ def training_inputs(
     layout = cod_layout(time, cfg.k, cfg.r, cfg.r_min, batch_generator(batch))
     block, position = layout.block.to(device), layout.position.to(device)
     tokens = torch.where(block == 0, input_ids[:, position], cfg.mask_token_id)  # [B, M]
-    dtype = next(draft.parameters()).dtype
-    additive = torch.zeros(layout.attention().shape, dtype=dtype, device=device)
-    additive.masked_fill_(~layout.attention().to(device), torch.finfo(dtype).min)
+    additive = kv.additive_mask(layout.attention().to(device), next(draft.parameters()).dtype)
     hidden = draft.get_decoder()(
         input_ids=tokens,
         attention_mask=additive[None, None].expand(rows, 1, -1, -1),
@@ -251,12 +250,14 @@ def training_inputs(
         final = target_hidden[:, :, -1]
         at, depth = position[token], block[token]
         with torch.no_grad():
-            teacher = (final[sample, at].to(lm_head.dtype) @ lm_head.T).float()
+            # the teacher at (b, t) serves every block that predicts x_{t+1}: its head runs once per position
+            places, place_of = torch.unique(sample * time + at, return_inverse=True)
+            teacher = (final.flatten(0, 1)[places].to(lm_head.dtype) @ lm_head.T).float()
             gold = gold_log_probs(final, input_ids, lm_head).cumsum(dim=1)  # C[t] = sum_{u<=t} log g_{u+1}
             # sum_{s=1..i} log p_T(x_{t+1-s} | x_{<=t-s}) = C[t-1] - C[t-1-i]
             gold = torch.cat([gold.new_zeros(rows, 1), gold], dim=1)  # gold[:, t] = C[t-1]
             weights = (gold[sample, at] - gold[sample, at - depth]).exp()
-        inputs |= {"target_probs": torch.softmax(teacher, dim=-1), "gold_weights": weights}
+        inputs |= {"target_probs": torch.softmax(teacher, dim=-1)[place_of], "gold_weights": weights}
     return inputs
 
 
