@@ -12,6 +12,7 @@ from specdec.data_prep.target import (
     TargetLoadError,
     check_same_tokenizer,
     load_target,
+    load_target_config,
     load_tokenizer,
 )
 from specdec.data_prep.templates import Sample, TemplateError, tokenize_conversation
@@ -37,6 +38,7 @@ __all__ = [
     "cache_key",
     "check_same_tokenizer",
     "load_target",
+    "load_target_config",
     "load_tokenizer",
     "prepare_cache",
     "read_conversations",

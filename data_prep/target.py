@@ -17,7 +17,8 @@ import huggingface_hub.constants
 import torch
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils.hub import extract_commit_hash
 
@@ -154,6 +155,17 @@ def _from_pretrained(load, source: _Source, cfg: TargetConfig, key: str, **kwarg
 def load_tokenizer(cfg: TargetConfig, *, key: str = "target.path") -> PreTrainedTokenizerBase:
     """The tokenizer of a reference alone; `key` is the recipe key named in errors."""
     return _from_pretrained(AutoTokenizer.from_pretrained, _source(cfg, key), cfg, key)
+
+
+def load_target_config(cfg: TargetConfig, *, key: str = "target.path") -> PretrainedConfig:
+    """The target's config alone, without its weights (`random_init` applied), and its model class
+    in `architectures` even where the source leaves it out (a GGUF file does)."""
+    config = _from_pretrained(AutoConfig.from_pretrained, _source(cfg, key), cfg, key)
+    for name, value in dict(cfg.random_init or {}).items():
+        setattr(config, name, value)
+    if not config.architectures:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
 
 
 def load_target(cfg: TargetConfig, *, seed: int = 0, key: str = "target.path") -> Target:

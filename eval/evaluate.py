@@ -8,6 +8,7 @@ also check that every output equals the target's own greedy decode (the autoregr
 import json
 import platform
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -41,6 +42,15 @@ class EvalReport:
     temperature: float
     greedy_matches_target: float | None  # share of outputs equal to the target's greedy decode; None if sampled
     device: str
+    max_new_tokens: int
+    target_dtype: str  # e.g. "torch.bfloat16": the target as measured, drafter and baseline alike
+    bench: str = ""  # where the prompts came from (eval.bench)
+    date: str = ""  # UTC day of the measurement, ISO 8601
+    # what was measured, for readers of the JSON such as the model card: the drafter's directory (or
+    # Hub id), whether its untrained start stood in for it, and its serving mode (None = its default)
+    drafter: str | None = None
+    untrained: bool = False
+    mode: str | None = None
 
 
 def write_reports(reports: dict[str, EvalReport], path: Path, title: str) -> None:
@@ -87,7 +97,7 @@ def decode_prompts(
     )
 
 
-def _report(spec: Generation, baseline: Generation, cfg: SpecConfig, device: str) -> EvalReport:
+def _report(spec: Generation, baseline: Generation, cfg: SpecConfig, device: str, bench: str, dtype: str) -> EvalReport:
     """One drafter's run `spec`, decoded at `cfg`, against the autoregressive `baseline` on the same prompts."""
     stats = acceptance_stats([n for row in spec.accepted for n in row], cfg.k)
     matches = None
@@ -118,6 +128,10 @@ def _report(spec: Generation, baseline: Generation, cfg: SpecConfig, device: str
         temperature=cfg.sampling.temperature,
         greedy_matches_target=matches,
         device=device,
+        max_new_tokens=cfg.max_new_tokens,
+        target_dtype=dtype,
+        bench=bench,
+        date=datetime.now(timezone.utc).date().isoformat(),
     )
 
 
@@ -132,11 +146,13 @@ def evaluate_drafters(
     batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
+    bench: str = "",
 ) -> dict[str, EvalReport]:
     """One run: warm-up, the autoregressive baseline (decoded once, at `cfg`), then speculative
     decoding with each drafter at its own config in `configs` (k and tree_width may differ from
     `cfg`; max_new_tokens and sampling may not, since every drafter is compared with that one
-    baseline), or at `cfg` for a drafter not in `configs`."""
+    baseline), or at `cfg` for a drafter not in `configs`. `bench` names the prompts' source in the
+    reports."""
     configs = configs or {}
     problems = [f"configs[{name!r}]: no such drafter" for name in configs if name not in drafters]
     problems += [
@@ -159,7 +175,7 @@ def evaluate_drafters(
         spec = decode_prompts(
             target, prompts, drafter=drafter, cfg=configs[name], desc=f"speculative, {name}", **common
         )
-        reports[name] = _report(spec, baseline, configs[name], device)
+        reports[name] = _report(spec, baseline, configs[name], device, bench, str(target.dtype))
     return reports
 
 

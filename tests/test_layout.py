@@ -91,7 +91,19 @@ def test_an_installed_copy_has_every_module_and_recipe(tmp_path: Path) -> None:
 
 # The machinery that trains and measures any drafter; a drafter kind lives in its own files
 # (trainer/drafters/<name>.py, eval/drafters/<name>.py) and the registry's import line.
-GENERIC_TRAINER = ["module", "train", "cli", "data", "config", "registry", "objectives/__init__", "drafters/__init__"]
+GENERIC_TRAINER = [
+    "module",
+    "train",
+    "cli",
+    "data",
+    "config",
+    "registry",
+    "objectives/__init__",
+    "drafters/__init__",
+    "drafters/causal_lm",
+    "export",
+    "hub",
+]
 
 
 @pytest.mark.parametrize("name", GENERIC_TRAINER)

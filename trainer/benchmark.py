@@ -149,7 +149,7 @@ def ablation(args: argparse.Namespace) -> None:
     drafters["untrained"] = kind.session(kind.untrained_like(model, target.model, cfg.run.seed), layers)
     prompts = load_prompts(cfg.eval.bench, target.tokenizer, num_prompts=args.prompts)
     reports = evaluate_drafters(
-        target.model, drafters, prompts, cfg=spec_config(cfg), eos_token_ids=eos_token_ids(target)
+        target.model, drafters, prompts, cfg=spec_config(cfg), eos_token_ids=eos_token_ids(target), bench=cfg.eval.bench
     )
     write_reports(reports, Path(args.runs) / "eval.json", title=f"{cfg.eval.bench}, k={cfg.eval.k}, {args.steps} steps")
 

@@ -1,8 +1,9 @@
 """The console scripts `specdec-prep`, `specdec-train`, `specdec-eval` and `specdec-export`.
 
 Each takes `recipe=NAME` (or `recipe=PATH.yaml`) and `group.key=value` overrides, composes and
-checks the config (specdec.trainer.config), writes it to `run.dir/config.yaml`, and runs its
-stage. Bad input exits with status 2 and one message, never a traceback.
+checks the config (specdec.trainer.config), writes it to `run.dir/config.yaml` (specdec-eval and
+specdec-export to their own file beside it), and runs its stage. Bad input exits with status 2 and
+one message, never a traceback.
 """
 
 import logging
@@ -23,6 +24,7 @@ from specdec.data_prep import (
     load_target,
     prepare_cache,
 )
+from specdec.data_prep.prep import distributed_rank
 from specdec.eval import CausalLMDrafter
 from specdec.eval.drafters import Drafter, DrafterLoadError
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
@@ -38,6 +40,8 @@ from specdec.trainer.config import (
     to_yaml,
 )
 from specdec.trainer.drafters import DRAFTERS, saved_kind
+from specdec.trainer.export import export
+from specdec.trainer.hub import HubError
 from specdec.trainer.module import TrainingDiverged
 from specdec.trainer.registry import UnknownName
 from specdec.trainer.train import eos_token_ids, spec_config, target_layers, train
@@ -55,8 +59,9 @@ GROUPS = {
     "trainer": "arguments of lightning.Trainer (devices, strategy, precision, max_steps, ...)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
     "eval": "tau by the verifier: drafter (or compare: rows of drafter, untrained, mode, k), bench, num_prompts, "
-    "max_new_tokens, k, tree_width, temperature, out",
-    "export": "the exported drafter: format (sglang, speculators, hf), dir",
+    "max_new_tokens, k, tree_width, temperature, target_layers, out",
+    "export": "the exported drafter: format (sglang, speculators, hf), dir, drafter, base_model, reports, dtype, "
+    "license; the push: push_to, private, revision, overwrite, dry_run",
     "run": "dir (everything of a run goes there) and seed",
 }
 
@@ -81,13 +86,19 @@ def _split_argv(argv: list[str]) -> tuple[str, list[str]]:
     return recipes[0], [arg for arg in argv if not arg.startswith("recipe=")]
 
 
+# the resolved config each stage writes in run.dir: the training's stays config.yaml, the recipe of
+# the drafter there, whatever is measured or exported from it later
+CONFIG_FILES = {"specdec-eval": "eval-config.yaml", "specdec-export": "export-config.yaml"}
+
+
 def _configure(prog: str, argv: list[str]) -> SpecdecConfig:
     recipe, overrides = _split_argv(argv)
     cfg = compose_recipe(recipe, overrides)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log.info("%s: recipe %s, resolved config in %s", prog, recipe, run_dir / "config.yaml")
+    path = run_dir / CONFIG_FILES.get(prog, "config.yaml")
+    path.write_text(to_yaml(cfg))
+    log.info("%s: recipe %s, resolved config in %s", prog, recipe, path)
     return cfg
 
 
@@ -111,14 +122,12 @@ def _main(prog: str, purpose: str, stage, argv: list[str] | None) -> int:
         TrainingDiverged,
         DrafterLoadError,
         UnknownName,
+        HubError,
+        FileExistsError,
     ) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
-
-
-def _say_not_built(stage: str, issue: int) -> None:
-    print(f"{stage} is not built yet (issue #{issue}); the recipe checked out and its config is saved.")
 
 
 def _print_reports(reports: dict[str, EvalReport], bench: str) -> None:
@@ -149,6 +158,21 @@ def _train(cfg: SpecdecConfig) -> None:
     if result.reports:
         _print_reports(result.reports, cfg.eval.bench)
         print(f"  report {cfg.eval.out}, plot {Path(cfg.eval.out).with_suffix('.png')}")
+    if cfg.export.format is not None and distributed_rank()[0] == 0:  # one rank writes (and pushes) the export
+        _export(cfg)
+
+
+def _export(cfg: SpecdecConfig) -> None:
+    result = export(cfg)
+    measured = f"tau from {result.measured_rows} report rows" if result.measured_rows else "tau not measured"
+    print(f"exported the {result.kind} drafter as {result.format} to {result.dir} (model card: {measured})")
+    for path in sorted(result.dir.rglob("*")):
+        if path.is_file():
+            print(f"  {path.relative_to(result.dir)}  {path.stat().st_size / 1e6:.2f} MB")
+    if result.push_plan is not None:
+        print(("dry run, nothing sent: " if result.url is None else "") + result.push_plan)
+    if result.url is not None:
+        print(f"pushed: {result.url}")
 
 
 def _prep(cfg: SpecdecConfig) -> None:
@@ -244,8 +268,20 @@ def _check_rows(rows: list[tuple[str, CompareConfig]]) -> None:
 def _drafter_model(cfg: SpecdecConfig, target: Target, path: str, *, key: str) -> tuple[nn.Module, tuple[int, ...]]:
     """(model, feature layers) of the drafter saved in `path`, or of the causal LM there (no features)."""
     kind = saved_kind(path)
+    given = tuple(cfg.eval.target_layers) if cfg.eval.target_layers is not None else None
     if kind is not None:
-        return kind.load(Path(path), target.model)
+        model, layers = kind.load(Path(path), target.model, given)
+        if given is not None and not layers:
+            raise RecipeError(
+                f"eval.target_layers={list(given)}: the drafter in {path} reads no target layer; drop it."
+            )
+        return model, layers
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise DrafterLoadError(
+            f"{key}={path}: a directory without config.json, so not a drafter. A trainer's raw output (SpecForge's "
+            "output_dir holds pickled training_state.pt files) must be exported first, e.g. `specforge export --to "
+            "sglang --checkpoint DIR --draft-config CONFIG --output-dir OUT`; then give OUT."
+        )
     draft = load_target(TargetConfig(path=path, dtype=cfg.target.dtype), key=key)
     check_same_tokenizer(target.tokenizer, draft.tokenizer, target_name=cfg.target.path, draft_name=path)
     return draft.model, ()
@@ -287,7 +323,12 @@ def _eval(cfg: SpecdecConfig) -> None:
         eos_token_ids=eos_token_ids(target),
         batch_size=cfg.eval.batch_size,
         seed=cfg.run.seed,
+        bench=cfg.eval.bench,
     )
+    reports = {
+        row.name: replace(reports[row.name], drafter=row.drafter, untrained=row.untrained, mode=row.mode)
+        for _, row in rows
+    }
     out = Path(cfg.eval.out)
     ks = "/".join(str(k) for k in sorted({report.k for report in reports.values()}))
     write_reports(reports, out, title=f"{cfg.eval.bench}, k={ks}")
@@ -301,5 +342,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    purpose = "Export a trained drafter for vLLM or SGLang, with a model card, and push it to the Hub."
-    return _main("specdec-export", purpose, lambda cfg: _say_not_built("Export", 18), argv)
+    purpose = (
+        "Export a trained drafter for vLLM or SGLang (export.format), with a model card whose tau table comes from\n"
+        "its eval reports, and push it to the Hub (export.push_to; export.dry_run=true lists the files)."
+    )
+    return _main("specdec-export", purpose, _export, argv)

@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from specdec.data_prep import CacheConfig, DataConfig, TargetConfig, asset_path
+from specdec.data_prep import CacheConfig, DataConfig, DType, TargetConfig, asset_path
 from specdec.trainer.drafters import DRAFTERS
 from specdec.trainer.objectives import OBJECTIVES
 
@@ -147,18 +147,37 @@ class EvalConfig:
     out: str = "${run.dir}/eval.json"  # the report; the acceptance plot goes beside it as .png
     # when given, specdec-eval measures these rows instead of eval.drafter, against one baseline
     compare: list[CompareConfig] = field(default_factory=list)
+    # the target layers (HF output_hidden_states ids) an EAGLE-3 drafter directory reads, for one
+    # that records none or records them wrongly; None = what the directory records, else [2, N//2, N-3]
+    target_layers: list[int] | None = None
 
 
 class ExportFormat(str, Enum):
-    sglang = "sglang"  # native EAGLE-3 directory (SGLang, and vLLM)
-    speculators = "speculators"  # vllm-project/speculators directory
-    hf = "hf"  # plain transformers directory (PARD)
+    sglang = "sglang"  # native EAGLE-3 directory, layer ids in SGLang's meaning
+    speculators = "speculators"  # vllm-project/speculators directory (vLLM)
+    hf = "hf"  # plain transformers causal LM (PARD, plain drafters)
 
 
 @dataclass
 class ExportConfig:
-    format: ExportFormat = ExportFormat.hf
+    """specdec-export (and the end of specdec-train, when `format` is set): the drafter written for an
+    engine, with a model card, and optionally pushed to the Hub."""
+
+    format: ExportFormat | None = None  # None: specdec-train does not export; specdec-export needs one
     dir: str = "${run.dir}/export"
+    drafter: str | None = None  # a drafter directory or a checkpoint (.ckpt); None = run.dir/drafter
+    # the target's Hub id, for the card's base_model and the speculators verifier; None = target.path
+    # when it is a Hub id (a local target leaves base_model out)
+    base_model: str | None = None
+    # eval JSONs (paths or glob patterns) whose rows measured this drafter: the card's tau table
+    reports: list[str] = field(default_factory=lambda: ["${run.dir}/eval*.json"])
+    dtype: DType | None = None  # of the weights written; None = target.dtype
+    license: str | None = None  # the card's license; None = left out
+    push_to: str | None = None  # ORG/NAME on the Hub; None = no push
+    private: bool = True  # a new repo is private unless this is false
+    revision: str | None = None  # the branch pushed to (created from main when missing); None = main
+    overwrite: bool = False  # push into a repo that exists (its files are replaced)
+    dry_run: bool = False  # list the files and the repo the push would write, with no network
 
 
 @dataclass

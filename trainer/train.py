@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -267,7 +267,12 @@ def train(
             batch_size=cfg.eval.batch_size,
             seed=cfg.run.seed,
             progress=progress,
+            bench=cfg.eval.bench,
         )
+        measured = {"trained": {}, "untrained": {"untrained": True}}
+        reports = {
+            name: replace(report, drafter=str(drafter_dir), **measured[name]) for name, report in reports.items()
+        }
         out = Path(cfg.eval.out)
         write_reports(reports, out, title=f"{cfg.eval.bench}, k={cfg.eval.k}")
     return TrainResult(drafter_dir, reports, trainer.global_step, train_tokens, train_seconds)

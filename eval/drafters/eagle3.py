@@ -13,19 +13,15 @@ stands for position t+k, attends to the step-0 keys at positions <= t and to its
 steps 1..k at position t. Parameter and buffer names follow the native EAGLE-3 checkpoint that
 SGLang and vLLM load (fc, midlayer.*, norm, lm_head, d2t, t2d); the embedding is the target's,
 frozen and not saved. Checked against SpecForge modeling/draft/llama3_eagle.py (a6b6b02).
-`save_eagle3` / `load_eagle3` keep a trained drafter as that checkpoint (config.json and
-model.safetensors, the embedding left out); which engine reads which layer ids is the exporter's
-business (#10), so the directory names the target layers as HF `output_hidden_states` ids.
+Its directories, ours and those other trainers and the engines write, are read and written by
+specdec.eval.drafters.eagle3_dirs.
 """
 
-import json
 import math
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, PretrainedConfig
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -34,7 +30,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from specdec.eval import kv
-from specdec.eval.drafters import ChainProposal, DrafterLoadError
+from specdec.eval.drafters import ChainProposal
 from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, expand_tree
 from specdec.eval.verify import Sampling, to_probs
 
@@ -64,8 +60,11 @@ class Eagle3Attention(nn.Module):
 
 
 class Eagle3Layer(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, *, norm_before_residual: bool = False) -> None:
         super().__init__()
+        # the residual around attention is g (EAGLE-3, SpecForge) or hidden_norm(g) (a vLLM variant
+        # that speculators drafters may be trained with)
+        self.norm_before_residual = norm_before_residual
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hidden_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = Eagle3Attention(config)
@@ -77,18 +76,25 @@ class Eagle3Layer(nn.Module):
 
     def finish(self, features: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Residuals around attention (its output [B, T, nh*hd]) and the MLP: the layer output o."""
-        hidden = features + self.self_attn.o_proj(attended)
+        residual = self.hidden_norm(features) if self.norm_before_residual else features
+        hidden = residual + self.self_attn.o_proj(attended)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class Eagle3Model(nn.Module):
-    def __init__(self, target_config: LlamaConfig, *, draft_vocab_size: int, embed_tokens: nn.Embedding) -> None:
+    def __init__(
+        self,
+        config: LlamaConfig,  # the decoder layer's: the target's sizes when specdec builds the drafter
+        *,
+        draft_vocab_size: int,
+        embed_tokens: nn.Embedding,
+        norm_before_residual: bool = False,
+    ) -> None:
         super().__init__()
-        config = target_config
         hidden = config.hidden_size
         self.embed_tokens = embed_tokens.requires_grad_(False)  # the target's, shared
         self.fc = nn.Linear(3 * hidden, hidden, bias=False)
-        self.midlayer = Eagle3Layer(config)
+        self.midlayer = Eagle3Layer(config, norm_before_residual=norm_before_residual)
         self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, draft_vocab_size, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config)
@@ -151,78 +157,9 @@ class Eagle3Model(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
-EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"  # the class name SGLang loads (shared/reference/ecosystem.md 1a)
-_TARGET_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_parameters",
-    "max_position_embeddings",
-    "vocab_size",
-    "hidden_act",
-    "attention_bias",
-    "mlp_bias",
-)
-
-
 def shared_keys(model: Eagle3Model) -> set[str]:
     """Keys of the target's tensors that the drafter borrows: not saved, not loaded."""
-    return {f"embed_tokens.{name}" for name, _ in model.embed_tokens.named_parameters()}
-
-
-def save_eagle3(model: Eagle3Model, directory: str | Path, *, target_config: PretrainedConfig, target_layers) -> Path:
-    """A native EAGLE-3 directory: config.json and model.safetensors (float32, without the embedding)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(
-        **{name: getattr(target_config, name) for name in _TARGET_FIELDS if hasattr(target_config, name)},
-        architectures=[EAGLE3_ARCHITECTURE],
-        num_hidden_layers=1,
-        tie_word_embeddings=False,
-        draft_vocab_size=model.lm_head.out_features,
-        specdec_target_layers=list(target_layers),  # HF output_hidden_states ids: 0 = embeddings
-    )
-    config.save_pretrained(directory)  # config.json
-    shared = shared_keys(model)
-    tensors = {
-        k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-        for k, v in model.state_dict().items()
-        if k not in shared
-    }
-    save_file(tensors, str(directory / "model.safetensors"))
-    return directory
-
-
-def is_eagle3_dir(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and EAGLE3_ARCHITECTURE in json.loads(config.read_text()).get("architectures", [])
-
-
-def load_eagle3(directory: str | Path, target: nn.Module) -> tuple[Eagle3Model, tuple[int, ...]]:
-    """The drafter saved by `save_eagle3`, sharing `target`'s embedding, in the target's dtype."""
-    directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    draft = Eagle3Model(
-        target.config, draft_vocab_size=config["draft_vocab_size"], embed_tokens=target.get_input_embeddings()
-    )
-    state = load_file(str(directory / "model.safetensors"))
-    try:
-        missing, unexpected = draft.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shapes that do not fit this target
-        missing, unexpected = [str(error).splitlines()[-1].strip()], []
-    missing = [key for key in missing if key not in shared_keys(draft)]
-    if missing or unexpected:
-        raise DrafterLoadError(
-            f"{directory / 'model.safetensors'}: not an EAGLE-3 drafter for this target "
-            f"(missing or misfit {missing[:4]}, unexpected {unexpected[:4]}). Give a drafter trained by "
-            "specdec-train for the same target.path."
-        )
-    dtype = target.get_input_embeddings().weight.dtype
-    return draft.to(dtype=dtype).eval(), tuple(config["specdec_target_layers"])
+    return {f"embed_tokens.{name}" for name in dict(model.embed_tokens.named_parameters())}
 
 
 class Eagle3Drafter:

@@ -52,11 +52,13 @@ def test_config_goes_to_run_dir_and_hydra_leaves_cwd_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert cli.export_main(["recipe=tiny", "run.dir=run1", "data.max_samples=3"]) == 0
+    # no drafter in run1 yet: export stops with its message, after the config is written
+    assert cli.export_main(["recipe=tiny", "run.dir=run1", "data.max_samples=3", "export.format=sglang"]) == 2
     assert os.getcwd() == str(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run1"]  # no outputs/ or .hydra/
-    assert compose_recipe("run1/config.yaml", []) == compose_recipe("tiny", ["run.dir=run1", "data.max_samples=3"])
-    assert "not built yet (issue #18)" in capsys.readouterr().out
+    overrides = ["run.dir=run1", "data.max_samples=3", "export.format=sglang"]
+    assert compose_recipe("run1/export-config.yaml", []) == compose_recipe("tiny", overrides)
+    assert "export.drafter=run1/drafter: no drafter there" in capsys.readouterr().err
 
 
 def test_train_on_the_tiny_recipe_runs_the_whole_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 from specdec.data_prep import HiddenStateCache, Sample, load_target
-from specdec.eval.drafters.eagle3 import load_eagle3, save_eagle3
+from specdec.eval.drafters.eagle3_dirs import load_eagle3, save_eagle3
 from specdec.trainer import cli
 from specdec.trainer.config import compose_recipe
 from specdec.trainer.data import CachedSamples, LengthBucketBatches, TokenSamples, collate
@@ -256,7 +256,8 @@ def test_a_run_killed_again_and_again_resumes_to_the_same_weights(
 def test_a_drafter_for_another_target_is_refused_with_its_file_named(tiny_run, tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
-    from specdec.eval.drafters.eagle3 import DrafterLoadError, Eagle3Model
+    from specdec.eval.drafters import DrafterLoadError
+    from specdec.eval.drafters.eagle3 import Eagle3Model
 
     _, target, *_ = tiny_run
     other = LlamaConfig(
@@ -269,7 +270,7 @@ def test_a_drafter_for_another_target_is_refused_with_its_file_named(tiny_run, t
     )
     draft = Eagle3Model(other, draft_vocab_size=16, embed_tokens=torch.nn.Embedding(other.vocab_size, 32))
     directory = save_eagle3(draft, tmp_path, target_config=other, target_layers=[1, 2, 3])
-    with pytest.raises(DrafterLoadError, match="model.safetensors: not an EAGLE-3 drafter for this target"):
+    with pytest.raises(DrafterLoadError, match="hidden_size=32, the target.s is 64: not an EAGLE-3 drafter"):
         load_eagle3(directory, target.model)
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from specdec.data_prep import TargetConfig, asset_path, load_target, load_tokenizer
 from specdec.eval.drafters import DrafterLoadError
@@ -428,6 +428,12 @@ def test_pard_llama3_trains_saves_and_reports_on_tiny_models(tmp_path: Path) -> 
     assert report["trained"]["greedy_matches_target"] == 1.0
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
+    # the recipe's export.format=hf: the run ends with a plain causal LM directory and its card
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    assert (exported.config.pard_token, exported.config.spd_type) == (128020, "pard")
+    card = (run_dir / "export" / "README.md").read_text()
+    assert "base_model:" not in card  # the target here is a local directory, not a Hub id
+    assert f"| {report['trained']['tau']:.3f} |" in card and '"parallel_drafting": true' in card
 
 
 # ---- which target layers a PARD recipe caches ----

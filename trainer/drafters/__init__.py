@@ -6,7 +6,8 @@ the session the engine runs; PARD's is a plain transformers causal LM): its reci
 fresh drafter is built and how its untrained start is rebuilt, how a training batch becomes the
 tensors its objectives take (and which of them come from the target's final state, so that the
 trainer caches that state only when an objective takes one), the diagnostics logged every logging
-step, its inference session (and other serving modes), and how it is saved and loaded. DrafterModule, the data
+step, its inference session (and other serving modes), how it is saved and loaded, and the formats it is
+exported in for vLLM and SGLang. DrafterModule, the data
 module, `specdec-train`, `specdec-eval` and the benchmarks go through these alone, so a new kind is
 one file here with `register_drafter(name, DrafterKind(...))` and one import line below.
 """
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from specdec.data_prep import Target
+from specdec.data_prep import Target, TargetConfig
 from specdec.eval.drafters import Drafter
 from specdec.trainer.registry import add_entry, lookup
 
@@ -50,12 +51,40 @@ class DrafterKind:
     serving_copy: Callable[[nn.Module, torch.dtype], nn.Module]
     # (drafter, directory, target config, feature layers) -> the directory
     save: Callable[[nn.Module, Path, PretrainedConfig, tuple[int, ...]], Path]
-    # (directory, target model) -> (drafter in the target's dtype, feature layers)
-    load: Callable[[Path, PreTrainedModel], tuple[nn.Module, tuple[int, ...]]]
+    # (directory, target model, feature layers for a directory that records none, or None for the
+    # kind's default) -> (drafter in the target's dtype, feature layers)
+    load: Callable[[Path, PreTrainedModel, tuple[int, ...] | None], tuple[nn.Module, tuple[int, ...]]]
     is_saved: Callable[[Path], bool]  # whether a directory holds a drafter of this kind
     module: str  # where it is registered, for the duplicate-name error
     # other ways to serve the same drafter, by name (`eval.compare[].mode`); `session` is the default
     modes: Mapping[str, Callable[[nn.Module, tuple[int, ...]], Drafter]] = field(default_factory=dict)
+    # the directories it is exported as for the engines, by export.format
+    exports: Mapping[str, "Exporter"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """What an export records of the target its drafter serves."""
+
+    name: str  # the target's Hub id (the card's base_model, the speculators verifier), or its local path
+    revision: str | None
+    config: PretrainedConfig
+    dtype: torch.dtype  # of the weights written
+    tokenizer_cfg: TargetConfig  # where the target's tokenizer loads from (written beside full causal LMs)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """One export format of a drafter kind."""
+
+    # (drafter directory, empty output directory, target, draft tokens per step) -> writes config.json and
+    # model.safetensors (and what else the format holds); returns the target layers (HF ids) it reads, or ()
+    write: Callable[[Path, Path, ExportTarget, int], tuple[int, ...]]
+    # (where it is served from: a Hub id or a directory, target, draft tokens per step, its layers)
+    #   -> {engine: the command that serves it, or what to do instead}
+    serve: Callable[[str, ExportTarget, int, tuple[int, ...]], dict[str, str]]
+    tags: tuple[str, ...]  # the card's Hub tags
+    library: str | None = None  # the card's library_name (transformers for a full causal LM)
 
 
 DRAFTERS: dict[str, DrafterKind] = {}
@@ -77,4 +106,14 @@ def saved_kind(directory: str | Path) -> DrafterKind | None:
 
 from specdec.trainer.drafters import eagle3, pard  # noqa: E402 (they register here)
 
-__all__ = ["DRAFTERS", "DrafterKind", "drafter_kind", "eagle3", "pard", "register_drafter", "saved_kind"]
+__all__ = [
+    "DRAFTERS",
+    "DrafterKind",
+    "ExportTarget",
+    "Exporter",
+    "drafter_kind",
+    "eagle3",
+    "pard",
+    "register_drafter",
+    "saved_kind",
+]

@@ -21,21 +21,25 @@ this mask selects.
 """
 
 import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
 from transformers import PreTrainedModel
 
-from specdec.eval.drafters.eagle3 import (
-    Eagle3Drafter,
-    Eagle3Model,
+from specdec.eval.drafters.eagle3 import Eagle3Drafter, Eagle3Model, shared_keys
+from specdec.eval.drafters.eagle3_dirs import (
+    default_target_layers,
     is_eagle3_dir,
     load_eagle3,
+    read_eagle3_dir,
     save_eagle3,
-    shared_keys,
+    write_sglang,
+    write_speculators,
 )
-from specdec.trainer.drafters import DrafterKind, register_drafter
+from specdec.trainer.drafters import DrafterKind, Exporter, ExportTarget, register_drafter
 from specdec.trainer.drafters.draft_vocab import count_loss_tokens, draft_vocab
 from specdec.trainer.objectives import masked_mean, scatter_rows
 from specdec.trainer.objectives.expected_accept import expected_accepted
@@ -193,6 +197,80 @@ def diagnostics(inputs: dict[str, torch.Tensor], eval_k: int) -> dict[str, torch
     return metrics
 
 
+# ---- export ----
+
+SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config classes validate what write_speculators writes
+
+
+def _layers(checkpoint, target: ExportTarget) -> tuple[int, ...]:
+    return checkpoint.target_layers or default_target_layers(target.config.num_hidden_layers)
+
+
+def write_sglang_dir(source: Path, out: Path, target: ExportTarget, k: int) -> tuple[int, ...]:
+    checkpoint = read_eagle3_dir(source)
+    write_sglang(checkpoint, _layers(checkpoint, target), out, dtype=target.dtype)
+    return _layers(checkpoint, target)
+
+
+def write_speculators_dir(source: Path, out: Path, target: ExportTarget, k: int) -> tuple[int, ...]:
+    checkpoint = read_eagle3_dir(source)
+    write_speculators(
+        checkpoint,
+        _layers(checkpoint, target),
+        out,
+        dtype=target.dtype,
+        verifier=target.name,
+        verifier_architectures=list(target.config.architectures),
+        speculative_tokens=k,
+        speculators_version=SPECULATORS_VERSION,
+    )
+    return _layers(checkpoint, target)
+
+
+def _sglang_command(where: str, target: ExportTarget, k: int) -> str:
+    revision = f" --revision {target.revision}" if target.revision else ""
+    return (
+        f"python -m sglang.launch_server --model-path {target.name}{revision} --speculative-algorithm EAGLE3 "
+        f"--speculative-draft-model-path {where} --speculative-num-steps {k} --speculative-eagle-topk 1 "
+        f"--speculative-num-draft-tokens {k + 1}"
+    )
+
+
+def _vllm_command(where: str, target: ExportTarget, k: int) -> str:
+    revision = f" --revision {target.revision}" if target.revision else ""
+    spec = json.dumps({"model": where, "method": "eagle3", "num_speculative_tokens": k})
+    return f"vllm serve {target.name}{revision} --speculative-config '{spec}'"
+
+
+def serve_sglang_dir(where: str, target: ExportTarget, k: int, layers: tuple[int, ...]) -> dict[str, str]:
+    """SGLang reads the nested ids; vLLM reads this directory right only when the ids are the
+    default, which it assumes for a directory without top-level ids."""
+    default = tuple(layers) == default_target_layers(target.config.num_hidden_layers)
+    vllm = (
+        _vllm_command(where, target, k)
+        if default
+        else "export with export.format=speculators: this directory's layer ids are in SGLang's meaning, which "
+        "vLLM does not read (they are not the default ones)"
+    )
+    return {"SGLang": _sglang_command(where, target, k), "vLLM": vllm}
+
+
+def serve_speculators_dir(where: str, target: ExportTarget, k: int, layers: tuple[int, ...]) -> dict[str, str]:
+    return {
+        "vLLM": f"vllm serve {where}  # the verifier ({target.name}) is read from speculators_config",
+        "SGLang": "export with export.format=sglang (SGLang loads the native EAGLE-3 directory)",
+    }
+
+
+_TAGS = ("speculative-decoding", "draft-model", "eagle3", "specdec")
+EXPORTS = {
+    "sglang": Exporter(write=write_sglang_dir, serve=serve_sglang_dir, tags=(*_TAGS, "sglang", "vllm")),
+    "speculators": Exporter(
+        write=write_speculators_dir, serve=serve_speculators_dir, tags=(*_TAGS, "speculators", "vllm")
+    ),
+}
+
+
 INPUTS = frozenset({"draft_logits", "target_probs", "loss_mask", "target_argmax", "answer_mask"})
 EAGLE3 = register_drafter(
     "eagle3",
@@ -213,5 +291,6 @@ EAGLE3 = register_drafter(
         load=load_eagle3,
         is_saved=is_eagle3_dir,
         module=__name__,
+        exports=EXPORTS,
     ),
 )

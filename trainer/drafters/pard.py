@@ -34,7 +34,8 @@ from specdec.eval import kv
 from specdec.eval.drafters import DrafterLoadError
 from specdec.eval.drafters.causal_lm import CausalLMDrafter
 from specdec.eval.drafters.pard import PardDrafter
-from specdec.trainer.drafters import DrafterKind, register_drafter
+from specdec.trainer.drafters import DrafterKind, Exporter, register_drafter
+from specdec.trainer.drafters.causal_lm import serve_commands, write_causal_lm_dir
 from specdec.trainer.drafters.cod import cod_layout
 from specdec.trainer.objectives import masked_mean, scatter_rows
 
@@ -181,7 +182,7 @@ def is_saved(directory: Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("spd_type") == "pard"
 
 
-def load(directory: Path, target: PreTrainedModel) -> tuple[PreTrainedModel, tuple[int, ...]]:
+def load(directory: Path, target: PreTrainedModel, target_layers=None) -> tuple[PreTrainedModel, tuple[int, ...]]:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=target.dtype)
     return model.eval().requires_grad_(False), ()
 
@@ -275,6 +276,15 @@ def diagnostics(inputs: dict[str, torch.Tensor], eval_k: int) -> dict[str, torch
     return metrics
 
 
+EXPORTS = {
+    "hf": Exporter(
+        write=write_causal_lm_dir,
+        serve=lambda where, target, k, layers: serve_commands(where, target, k, parallel=True),
+        tags=("speculative-decoding", "draft-model", "pard", "specdec", "vllm", "sglang"),
+        library="transformers",
+    )
+}
+
 PARD = register_drafter(
     "pard",
     DrafterKind(
@@ -293,5 +303,6 @@ PARD = register_drafter(
         is_saved=is_saved,
         module=__name__,
         modes={"parallel": parallel_session, "causal_lm": lambda draft, layers: CausalLMDrafter(draft)},
+        exports=EXPORTS,
     ),
 )
