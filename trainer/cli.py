@@ -24,7 +24,6 @@ from specdec.data_prep import (
     load_target,
     prepare_cache,
 )
-from specdec.data_prep.prep import distributed_rank
 from specdec.eval import CausalLMDrafter
 from specdec.eval.drafters import Drafter, DrafterLoadError
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
@@ -158,7 +157,7 @@ def _train(cfg: SpecdecConfig) -> None:
     if result.reports:
         _print_reports(result.reports, cfg.eval.bench)
         print(f"  report {cfg.eval.out}, plot {Path(cfg.eval.out).with_suffix('.png')}")
-    if cfg.export.format is not None and distributed_rank()[0] == 0:  # one rank writes (and pushes) the export
+    if cfg.export.format is not None and result.reports:  # the global-zero rank, which measured the report
         _export(cfg)
 
 
