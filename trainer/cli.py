@@ -38,7 +38,7 @@ from specdec.trainer.config import (
     recipe_summary,
     to_yaml,
 )
-from specdec.trainer.drafters import DRAFTERS, saved_kind
+from specdec.trainer.drafters import drafter_name, saved_kind
 from specdec.trainer.export import export
 from specdec.trainer.hub import HubError
 from specdec.trainer.module import TrainingDiverged
@@ -254,7 +254,7 @@ def _check_rows(rows: list[tuple[str, CompareConfig]]) -> None:
             if row.mode not in (None, "causal_lm"):
                 problems.append(f"{key}.mode: {row.mode!r}, but {not_saved}, token by token; set null (or causal_lm)")
         elif row.mode is not None and row.mode not in kind.modes:
-            name = next(name for name, known in DRAFTERS.items() if known is kind)
+            name = drafter_name(kind)
             others = f", or one of its other modes: {', '.join(sorted(kind.modes))}" if kind.modes else ""
             problems.append(
                 f"{key}.mode: {row.mode!r} is not a serving mode of the {name} drafter in {row.drafter}; "

@@ -29,7 +29,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from specdec.data_prep import load_target, load_target_config
 from specdec.data_prep.target import DType
 from specdec.trainer.config import RecipeError, SpecdecConfig, to_yaml
-from specdec.trainer.drafters import DRAFTERS, Exporter, ExportTarget, drafter_kind, saved_kind
+from specdec.trainer.drafters import Exporter, ExportTarget, drafter_kind, drafter_name, saved_kind
 from specdec.trainer.drafters.causal_lm import PLAIN_EXPORTS
 from specdec.trainer.hub import plan_push, push
 from specdec.trainer.train import target_layers
@@ -70,8 +70,7 @@ def _exporters(source: Path) -> tuple[str, dict[str, Exporter]]:
     kind = saved_kind(source)
     if kind is None:
         return "causal_lm", PLAIN_EXPORTS
-    name = next(name for name, known in DRAFTERS.items() if known is kind)
-    return name, dict(kind.exports)
+    return drafter_name(kind), dict(kind.exports)
 
 
 def _from_checkpoint(cfg: SpecdecConfig, checkpoint: Path, work: Path) -> Path:
@@ -109,7 +108,7 @@ def _report_rows(patterns: list[str], source: Path) -> list[tuple[str, dict]]:
     """(report file, row) of every eval-JSON row that measured `source` itself (not its untrained start)."""
     rows = []
     for pattern in patterns:
-        for path in sorted(glob.glob(pattern)) or []:
+        for path in sorted(glob.glob(pattern)):
             try:
                 report = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError) as error:

@@ -75,7 +75,6 @@ def from_sglang_ids(ids) -> tuple[int, ...]:
 class Eagle3Checkpoint:
     """An EAGLE-3 directory of any dialect, in Eagle3Model's terms."""
 
-    dialect: str  # specdec | native | speculators
     layer_config: dict  # the draft decoder layer's Llama config fields
     draft_vocab_size: int
     norm_before_residual: bool
@@ -137,7 +136,7 @@ def read_eagle3_dir(directory: str | Path) -> Eagle3Checkpoint:
                 f"{directory / 'config.json'}: speculators_model_type={config['speculators_model_type']!r}; "
                 "specdec serves speculators drafters of type eagle3."
             )
-        dialect, layer_config = "speculators", dict(config.get("transformer_layer_config") or {})
+        layer_config = dict(config.get("transformer_layer_config") or {})
         target_layers = config.get("eagle_aux_hidden_state_layer_ids")
         target_layers = tuple(target_layers) if target_layers is not None else None
         # speculators' config class defaults to False; vLLM reads a missing key as True (ecosystem.md 1a)
@@ -154,7 +153,6 @@ def read_eagle3_dir(directory: str | Path) -> Eagle3Checkpoint:
                 f"{directory / 'config.json'}: eagle_config.use_aux_hidden_state=false is an EAGLE-1 style head "
                 "(one hidden state, no fc); specdec serves EAGLE-3 drafters."
             )
-        dialect = "specdec" if "specdec_target_layers" in config else "native"
         layer_config, target_layers = config, _native_layers(directory, config)
         norm_before_residual = bool(config.get("norm_before_residual", False))
     flags = [name for name in _UNSUPPORTED_FLAGS if config.get(name)]
@@ -171,7 +169,7 @@ def read_eagle3_dir(directory: str | Path) -> Eagle3Checkpoint:
     draft_vocab_size = config.get("draft_vocab_size") or layer_config.get("vocab_size")
     target_hidden_size = config.get("target_hidden_size") or layer_config.get("target_hidden_size")
     return Eagle3Checkpoint(
-        dialect, layer_config, draft_vocab_size, norm_before_residual, target_layers, target_hidden_size, tensors
+        layer_config, draft_vocab_size, norm_before_residual, target_layers, target_hidden_size, tensors
     )
 
 
@@ -248,20 +246,14 @@ def load_eagle3(directory: str | Path, target: nn.Module, target_layers=None) ->
             list(layers),
             list(target_layers),
         )
-    num_layers = target_config.num_hidden_layers
-    if len(layers) != draft.fc.in_features // target_config.hidden_size or not all(
-        0 <= i <= num_layers for i in layers
-    ):
+    num_layers, fc_reads = target_config.num_hidden_layers, draft.fc.in_features // target_config.hidden_size
+    if len(layers) != fc_reads or not all(0 <= i <= num_layers for i in layers):
         raise DrafterLoadError(
-            f"{directory}: target layers {list(layers)} do not fit: its fc reads "
-            f"{draft.fc.in_features // target_config.hidden_size} layers, and ids run from 0 (the embeddings) to "
-            f"{num_layers} (HF output_hidden_states ids); fix eval.target_layers or the directory's config."
+            f"{directory}: target layers {list(layers)} do not fit: its fc reads {fc_reads} layers, and ids run "
+            f"from 0 (the embeddings) to {num_layers} (HF output_hidden_states ids); fix eval.target_layers or the "
+            "directory's config."
         )
-    dtype = target.get_input_embeddings().weight.dtype
-    served = draft.to(dtype=dtype).eval()
-    if embedding is not target.get_input_embeddings():
-        served.embed_tokens.to(dtype)
-    return served, tuple(layers)
+    return draft.to(dtype=target.get_input_embeddings().weight.dtype).eval(), tuple(layers)
 
 
 # ---- writing ----
@@ -314,16 +306,15 @@ def save_eagle3(model: Eagle3Model, directory: str | Path, *, target_config: Pre
     return directory
 
 
-def _write(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> dict:
+def _write(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(directory / "model.safetensors"))
-    return config
 
 
-def write_sglang(checkpoint: Eagle3Checkpoint, target_layers, directory: Path, *, dtype: torch.dtype) -> dict:
+def write_sglang(checkpoint: Eagle3Checkpoint, target_layers, directory: Path, *, dtype: torch.dtype) -> None:
     """The native EAGLE-3 directory SGLang loads (and SpecForge writes): layer ids in SGLang's meaning
-    under eagle_config, no embedding. Returns its config."""
+    under eagle_config, no embedding."""
     config = {
         "architectures": [EAGLE3_ARCHITECTURE],
         **_layer_config(checkpoint.layer_config),
@@ -335,7 +326,7 @@ def write_sglang(checkpoint: Eagle3Checkpoint, target_layers, directory: Path, *
         },
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    return _write(directory, config, _cast(checkpoint.tensors, dtype, LAYER_PREFIX))
+    _write(directory, config, _cast(checkpoint.tensors, dtype, LAYER_PREFIX))
 
 
 def write_speculators(
@@ -348,10 +339,10 @@ def write_speculators(
     verifier_architectures: list[str],
     speculative_tokens: int,
     speculators_version: str,
-) -> dict:
+) -> None:
     """The vllm-project/speculators directory (`vllm serve DIR` loads it with its verifier): layer ids
     in vLLM's meaning at top level, the layer as `layers.0.*`, norm_before_residual written out (vLLM
-    reads a missing one as true). Returns its config."""
+    reads a missing one as true)."""
     config = {
         "architectures": [SPECULATORS_ARCHITECTURE],
         "speculators_model_type": "eagle3",
@@ -376,4 +367,4 @@ def write_speculators(
         },
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    return _write(directory, config, _cast(checkpoint.tensors, dtype, SPECULATORS_LAYER_PREFIX))
+    _write(directory, config, _cast(checkpoint.tensors, dtype, SPECULATORS_LAYER_PREFIX))

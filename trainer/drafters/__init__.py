@@ -12,6 +12,7 @@ module, `specdec-train`, `specdec-eval` and the benchmarks go through these alon
 one file here with `register_drafter(name, DrafterKind(...))` and one import line below.
 """
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,19 @@ class ExportTarget:
     dtype: torch.dtype  # of the weights written
     tokenizer_cfg: TargetConfig  # where the target's tokenizer loads from (written beside full causal LMs)
 
+    def vllm_command(self, speculative_config: dict) -> str:
+        revision = f" --revision {self.revision}" if self.revision else ""
+        return f"vllm serve {self.name}{revision} --speculative-config '{json.dumps(speculative_config)}'"
+
+    def sglang_command(self, algorithm: str, where: str, k: int) -> str:
+        """A chain of k drafts (top-1 at each step) from the drafter at `where`."""
+        revision = f" --revision {self.revision}" if self.revision else ""
+        return (
+            f"python -m sglang.launch_server --model-path {self.name}{revision} --speculative-algorithm {algorithm} "
+            f"--speculative-draft-model-path {where} --speculative-num-steps {k} --speculative-eagle-topk 1 "
+            f"--speculative-num-draft-tokens {k + 1}"
+        )
+
 
 @dataclass(frozen=True)
 class Exporter:
@@ -99,6 +113,11 @@ def drafter_kind(name: str) -> DrafterKind:
     return lookup(DRAFTERS, name, key="draft.name", kind="drafter")
 
 
+def drafter_name(kind: DrafterKind) -> str:
+    """The name `kind` is registered under (draft.name)."""
+    return next(name for name, known in DRAFTERS.items() if known is kind)
+
+
 def saved_kind(directory: str | Path) -> DrafterKind | None:
     """The kind whose saved drafter `directory` holds, or None (e.g. a plain causal LM)."""
     return next((kind for kind in DRAFTERS.values() if kind.is_saved(Path(directory))), None)
@@ -112,6 +131,7 @@ __all__ = [
     "ExportTarget",
     "Exporter",
     "drafter_kind",
+    "drafter_name",
     "eagle3",
     "pard",
     "register_drafter",

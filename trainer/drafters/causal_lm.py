@@ -4,7 +4,6 @@ directory, loadable with AutoModelForCausalLM: config, safetensors weights in th
 generation config and the target's tokenizer.
 """
 
-import json
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
@@ -20,27 +19,16 @@ def write_causal_lm_dir(source: Path | str, out: Path, target: ExportTarget, k: 
     return ()
 
 
-def _revision(target: ExportTarget) -> str:
-    return f" --revision {target.revision}" if target.revision else ""
-
-
 def serve_commands(where: str, target: ExportTarget, k: int, *, parallel: bool) -> dict[str, str]:
     """vLLM's draft model (PARD: its parallel drafting, which reads pard_token) and SGLang's
     STANDALONE, which drafts token by token."""
     spec = {"model": where, "method": "draft_model", "num_speculative_tokens": k}
     if parallel:
         spec["parallel_drafting"] = True
-    sglang = (
-        f"python -m sglang.launch_server --model-path {target.name}{_revision(target)} "
-        f"--speculative-algorithm STANDALONE --speculative-draft-model-path {where} --speculative-num-steps {k} "
-        f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}"
-    )
+    sglang = target.sglang_command("STANDALONE", where, k)
     if parallel:
         sglang += "  # token by token: SGLang has no parallel drafting"
-    return {
-        "vLLM": f"vllm serve {target.name}{_revision(target)} --speculative-config '{json.dumps(spec)}'",
-        "SGLang": sglang,
-    }
+    return {"vLLM": target.vllm_command(spec), "SGLang": sglang}
 
 
 PLAIN_EXPORTS = {

@@ -21,7 +21,6 @@ this mask selects.
 """
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,15 +207,17 @@ def _layers(checkpoint, target: ExportTarget) -> tuple[int, ...]:
 
 def write_sglang_dir(source: Path, out: Path, target: ExportTarget, k: int) -> tuple[int, ...]:
     checkpoint = read_eagle3_dir(source)
-    write_sglang(checkpoint, _layers(checkpoint, target), out, dtype=target.dtype)
-    return _layers(checkpoint, target)
+    layers = _layers(checkpoint, target)
+    write_sglang(checkpoint, layers, out, dtype=target.dtype)
+    return layers
 
 
 def write_speculators_dir(source: Path, out: Path, target: ExportTarget, k: int) -> tuple[int, ...]:
     checkpoint = read_eagle3_dir(source)
+    layers = _layers(checkpoint, target)
     write_speculators(
         checkpoint,
-        _layers(checkpoint, target),
+        layers,
         out,
         dtype=target.dtype,
         verifier=target.name,
@@ -224,22 +225,7 @@ def write_speculators_dir(source: Path, out: Path, target: ExportTarget, k: int)
         speculative_tokens=k,
         speculators_version=SPECULATORS_VERSION,
     )
-    return _layers(checkpoint, target)
-
-
-def _sglang_command(where: str, target: ExportTarget, k: int) -> str:
-    revision = f" --revision {target.revision}" if target.revision else ""
-    return (
-        f"python -m sglang.launch_server --model-path {target.name}{revision} --speculative-algorithm EAGLE3 "
-        f"--speculative-draft-model-path {where} --speculative-num-steps {k} --speculative-eagle-topk 1 "
-        f"--speculative-num-draft-tokens {k + 1}"
-    )
-
-
-def _vllm_command(where: str, target: ExportTarget, k: int) -> str:
-    revision = f" --revision {target.revision}" if target.revision else ""
-    spec = json.dumps({"model": where, "method": "eagle3", "num_speculative_tokens": k})
-    return f"vllm serve {target.name}{revision} --speculative-config '{spec}'"
+    return layers
 
 
 def serve_sglang_dir(where: str, target: ExportTarget, k: int, layers: tuple[int, ...]) -> dict[str, str]:
@@ -247,12 +233,12 @@ def serve_sglang_dir(where: str, target: ExportTarget, k: int, layers: tuple[int
     default, which it assumes for a directory without top-level ids."""
     default = tuple(layers) == default_target_layers(target.config.num_hidden_layers)
     vllm = (
-        _vllm_command(where, target, k)
+        target.vllm_command({"model": where, "method": "eagle3", "num_speculative_tokens": k})
         if default
         else "export with export.format=speculators: this directory's layer ids are in SGLang's meaning, which "
         "vLLM does not read (they are not the default ones)"
     )
-    return {"SGLang": _sglang_command(where, target, k), "vLLM": vllm}
+    return {"SGLang": target.sglang_command("EAGLE3", where, k), "vLLM": vllm}
 
 
 def serve_speculators_dir(where: str, target: ExportTarget, k: int, layers: tuple[int, ...]) -> dict[str, str]:
