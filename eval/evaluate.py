@@ -3,7 +3,12 @@ it, in one run, and reports tau, acceptance per position, tokens/s and the speed
 autoregressive decoding of the same target on the same prompts, and where the time goes (drafting
 vs verifying, per verify step and in total). Several drafters (a trained one and its untrained
 start, or the rows of `eval.compare`, each at its own draft length) share that baseline. Greedy runs
-also check that every output equals the target's own greedy decode (the autoregressive run)."""
+also check that every output equals the target's own greedy decode (the autoregressive run).
+
+With several ranks (torch.distributed initialized, as under `specdec-train` with DDP, FSDP or
+DeepSpeed, or `srun` of several tasks), each rank decodes its share of the prompts and every rank
+gets the one report of them all: tokens/s is per replica (all tokens over the summed decode time),
+so it compares with a one-process run of the same prompts."""
 
 import json
 import platform
@@ -12,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -67,6 +73,23 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _concat(results: list[Generation]) -> Generation:
+    return Generation(
+        new_tokens=[tokens for result in results for tokens in result.new_tokens],
+        accepted=[steps for result in results for steps in result.accepted],
+        drafted=[steps for result in results for steps in result.drafted],
+        draft_time_s=[time_s for result in results for time_s in result.draft_time_s],
+        verify_time_s=[time_s for result in results for time_s in result.verify_time_s],
+        seconds=sum(result.seconds for result in results),
+    )
+
+
 def decode_prompts(
     target: PreTrainedModel,
     prompts: list[Prompt],
@@ -79,22 +102,22 @@ def decode_prompts(
     desc: str,
     progress: bool,
 ) -> Generation:
-    """The prompts decoded `batch_size` at a time, as they are served; one Generation for all."""
+    """The prompts decoded `batch_size` at a time, as they are served; one Generation for all, in the
+    order of the ranks' shares when there are several ranks (prompts rank, rank + world, ...)."""
+    rank, world = rank_and_world()
+    own = prompts[rank::world]
     results = []
-    generator = torch.Generator(device=target.device).manual_seed(seed)
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = [prompt.token_ids for prompt in prompts[start : start + batch_size]]
+    generator = torch.Generator(device=target.device).manual_seed(seed + rank)
+    for start in tqdm(range(0, len(own), batch_size), desc=desc, unit="batch", disable=not progress or rank > 0):
+        batch = [prompt.token_ids for prompt in own[start : start + batch_size]]
         results.append(
             generate(target, batch, drafter=drafter, cfg=cfg, eos_token_ids=eos_token_ids, generator=generator)
         )
-    return Generation(
-        new_tokens=[tokens for result in results for tokens in result.new_tokens],
-        accepted=[steps for result in results for steps in result.accepted],
-        drafted=[steps for result in results for steps in result.drafted],
-        draft_time_s=[time_s for result in results for time_s in result.draft_time_s],
-        verify_time_s=[time_s for result in results for time_s in result.verify_time_s],
-        seconds=sum(result.seconds for result in results),
-    )
+    if world == 1:
+        return _concat(results)
+    shares = [None] * world
+    dist.all_gather_object(shares, _concat(results))
+    return _concat(shares)
 
 
 def _report(spec: Generation, baseline: Generation, cfg: SpecConfig, device: str, bench: str, dtype: str) -> EvalReport:

@@ -5,7 +5,9 @@ and log what serving will see:
 eval/tau, eval/accept_rate, eval/accept_pos_<i>, eval/tokens_per_s and eval/speedup. `eval/tau`
 can be the monitor of ModelCheckpoint, so the kept checkpoint is the one that accepts most."""
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import lightning as L
 import torch
@@ -38,10 +40,15 @@ class SpecEvalCallback(L.Callback):
         every_n_steps: int,
         batch_size: int = 1,  # prompts decoded together: the report's eval.batch_size
         seed: int = 0,
+        # (trainer, module) -> a context in which the target and drafter are whole on every rank (the
+        # strategies that shard parameters); each rank decodes its share of the prompts
+        full_weights: Callable[[L.Trainer, L.LightningModule], AbstractContextManager] = lambda *_: (
+            contextlib.nullcontext()
+        ),
     ) -> None:
         self.target, self.prompts, self.make_drafter = target, prompts, make_drafter
         self.cfg, self.eos_token_ids, self.every_n_steps = cfg, eos_token_ids, every_n_steps
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.full_weights = batch_size, seed, full_weights
         self.ar_tokens_per_s: float | None = None  # the target is frozen: measured once
         self.evaluated_step: int | None = None  # global_step of the weights last decoded
 
@@ -73,13 +80,14 @@ class SpecEvalCallback(L.Callback):
         if not (periodic or is_last_step(trainer)):
             return
         self.evaluated_step = trainer.global_step
-        if self.ar_tokens_per_s is None:
-            baseline = self._decode(None)
-            self.ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
         was_training = pl_module.training
         pl_module.eval()
         try:
-            result = self._decode(self.make_drafter(pl_module))
+            with self.full_weights(trainer, pl_module):
+                if self.ar_tokens_per_s is None:
+                    baseline = self._decode(None)
+                    self.ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
+                result = self._decode(self.make_drafter(pl_module))
         finally:
             pl_module.train(was_training)
         stats = acceptance_stats([n for row in result.accepted for n in row], self.cfg.k)

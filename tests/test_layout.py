@@ -103,6 +103,8 @@ GENERIC_TRAINER = [
     "drafters/causal_lm",
     "export",
     "hub",
+    "strategies",
+    "requeue",
 ]
 
 

@@ -43,6 +43,8 @@ from specdec.trainer.export import export
 from specdec.trainer.hub import HubError
 from specdec.trainer.module import TrainingDiverged
 from specdec.trainer.registry import UnknownName
+from specdec.trainer.requeue import JobRequeued
+from specdec.trainer.strategies import launched_process_group
 from specdec.trainer.train import eos_token_ids, spec_config, target_layers, train
 
 log = logging.getLogger("specdec")
@@ -149,7 +151,13 @@ def _print_reports(reports: dict[str, EvalReport], bench: str) -> None:
 
 
 def _train(cfg: SpecdecConfig) -> None:
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except JobRequeued as requeued:  # not a failure: the job's next start resumes
+        print(f"specdec-train: {requeued}")
+        return
+    if not result.is_global_zero:
+        return
     print(
         f"trained {result.steps} steps on {result.train_tokens} tokens in {result.train_seconds / 60:.1f} min; "
         f"drafter {result.drafter_dir}"
@@ -157,7 +165,7 @@ def _train(cfg: SpecdecConfig) -> None:
     if result.reports:
         _print_reports(result.reports, cfg.eval.bench)
         print(f"  report {cfg.eval.out}, plot {Path(cfg.eval.out).with_suffix('.png')}")
-    if cfg.export.format is not None and result.reports:  # the global-zero rank, which measured the report
+    if cfg.export.format is not None and result.reports:
         _export(cfg)
 
 
@@ -313,17 +321,20 @@ def _eval(cfg: SpecdecConfig) -> None:
         cfg.eval.bench, target.tokenizer, num_prompts=cfg.eval.num_prompts, chat_template=cfg.data.chat_template
     )
     spec = spec_config(cfg)
-    reports = evaluate_drafters(
-        target.model,
-        _row_drafters(cfg, target, rows),
-        prompts,
-        cfg=spec,
-        configs={row.name: replace(spec, k=row.k) for _, row in rows if row.k is not None},
-        eos_token_ids=eos_token_ids(target),
-        batch_size=cfg.eval.batch_size,
-        seed=cfg.run.seed,
-        bench=cfg.eval.bench,
-    )
+    with launched_process_group() as rank:  # srun -n N: each task decodes its share, one report
+        reports = evaluate_drafters(
+            target.model,
+            _row_drafters(cfg, target, rows),
+            prompts,
+            cfg=spec,
+            configs={row.name: replace(spec, k=row.k) for _, row in rows if row.k is not None},
+            eos_token_ids=eos_token_ids(target),
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.run.seed,
+            bench=cfg.eval.bench,
+        )
+    if rank > 0:
+        return
     reports = {
         row.name: replace(reports[row.name], drafter=row.drafter, untrained=row.untrained, mode=row.mode)
         for _, row in rows

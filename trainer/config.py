@@ -185,6 +185,8 @@ class RunConfig:
     dir: str = MISSING  # everything of a run goes here: config.yaml, cache, logs, checkpoints
     seed: int = 0
     checkpoint_every_n_steps: int = 100  # run.dir/checkpoints/last.ckpt, which a rerun with the same run.dir resumes
+    # TensorBoard's run: run.dir/logs when null, else run.dir/logs/<log_version> (slurm/train.sbatch: the job id)
+    log_version: str | None = None
 
 
 @dataclass

@@ -32,7 +32,8 @@ from specdec.trainer.config import RecipeError, SpecdecConfig, to_yaml
 from specdec.trainer.drafters import Exporter, ExportTarget, drafter_kind, drafter_name, saved_kind
 from specdec.trainer.drafters.causal_lm import PLAIN_EXPORTS
 from specdec.trainer.hub import plan_push, push
-from specdec.trainer.train import target_layers
+from specdec.trainer.strategies import read_checkpoint
+from specdec.trainer.train import draft_from_checkpoint, target_layers
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +75,19 @@ def _exporters(source: Path) -> tuple[str, dict[str, Exporter]]:
 
 
 def _from_checkpoint(cfg: SpecdecConfig, checkpoint: Path, work: Path) -> Path:
-    """A Lightning checkpoint of this recipe's drafter, saved as its drafter directory in `work`."""
+    """A Lightning checkpoint of this recipe's drafter (a file, or DeepSpeed's directory), saved as its
+    drafter directory in `work`."""
     target = load_target(cfg.target, seed=cfg.run.seed)
     kind = drafter_kind(cfg.draft.name)
     _, feature_layers = target_layers(cfg, target)
-    draft = kind.build(cfg.draft, target, [], cfg.run.seed)  # its shape; every trained tensor comes from the file
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    own = {key.removeprefix("draft."): value for key, value in state.items() if key.startswith("draft.")}
-    missing, unexpected = draft.load_state_dict(own, strict=False)
-    missing = [key for key in missing if key not in kind.shared_keys(draft)]
-    if missing or unexpected:
-        raise RecipeError(
-            f"export.drafter={checkpoint}: not a checkpoint of this recipe's drafter (draft.name={cfg.draft.name}; "
-            f"missing {missing[:4]}, unexpected {unexpected[:4]}). Give the recipe the run was trained with."
-        )
+    draft = draft_from_checkpoint(cfg, kind, target, read_checkpoint(checkpoint), checkpoint)
     return kind.save(draft, work / "drafter", target.model.config, feature_layers)
 
 
 def _source(cfg: SpecdecConfig, work: Path) -> Path:
     given = cfg.export.drafter or str(Path(cfg.run.dir) / "drafter")
     path = Path(given)
-    if path.is_file() and path.suffix == ".ckpt":
+    if path.suffix == ".ckpt" and path.exists():  # a file, or DeepSpeed's directory
         return _from_checkpoint(cfg, path, work)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

@@ -9,9 +9,11 @@ makes sure it holds every tensor the recipe's objectives take.
 
 Logged: train/loss, train/<objective> (unweighted), train/<objective>/<metric>, the drafter's
 diagnostics (at Lightning's logging steps only: they cost a pass over the draft logits),
-train/tokens_per_s and lr. The target's tensors (an embedding the drafter shares, its LM head) are
-not trained and not written to checkpoints. A loss or a gradient that is not finite stops the run
-before the optimizer step, so neither the weights nor `last.ckpt` ever hold NaN or inf.
+train/tokens_per_s (all ranks together) and lr. The target's tensors (an embedding the drafter
+shares, its LM head, the online target itself) are not trained and not written to checkpoints;
+online under a strategy that shards parameters (FSDP, ZeRO-3) the target is a submodule, so that the
+strategy shards it too. A loss or a gradient that is not finite stops the run before the optimizer
+step, so neither the weights nor `last.ckpt` ever hold NaN or inf.
 """
 
 import time
@@ -42,6 +44,7 @@ class DrafterModule(L.LightningModule):
         lm_head: torch.Tensor,  # the target's output embedding [V, H]: the teacher's last layer
         target: PreTrainedModel | None = None,  # online mode: computes `hidden` from input_ids
         layers: list[int] | None = None,  # online mode: the target layers to read, as in the cache
+        shard_target: bool = False,  # online: register the target as a submodule, for FSDP and ZeRO-3 to shard
         eval_k: int = 4,  # draft tokens per verify step at serving: the depth the diagnostics simulate
     ) -> None:
         super().__init__()
@@ -55,12 +58,16 @@ class DrafterModule(L.LightningModule):
         self.frozen = {"lm_head": lm_head.detach(), "target": target}
         self.layers = layers
         self.shared_keys = {f"draft.{key}" for key in kind.shared_keys(draft)}
+        if shard_target and target is not None:
+            self.sharded_target = target.requires_grad_(False)
+            self.shared_keys |= {f"sharded_target.{key}" for key in target.state_dict()}
+            self.strict_loading = False  # DeepSpeed's checkpoints leave the frozen target out
         self._last_step_end: float | None = None
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # real tokens trained on
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # real tokens trained on, every rank's
 
     def on_fit_start(self) -> None:
         self.frozen["lm_head"] = self.frozen["lm_head"].to(self.device)
-        if self.frozen["target"] is not None:
+        if self.frozen["target"] is not None and not hasattr(self, "sharded_target"):  # the strategy placed it
             self.frozen["target"].to(self.device)
 
     @torch.no_grad()
@@ -107,12 +114,11 @@ class DrafterModule(L.LightningModule):
         if not torch.isfinite(loss):
             self._diverged(f"loss {loss.item()}", batch_idx, batch["index"].tolist())
         self._last_batch = (batch_idx, batch["index"].tolist())
-        self.tokens_seen += batch["attention_mask"].sum()
+        tokens = self.trainer.strategy.reduce(batch["attention_mask"].sum(), reduce_op="sum")  # every rank's batch
+        self.tokens_seen += tokens
         now = time.perf_counter()
         if self._last_step_end is not None:
-            metrics["train/tokens_per_s"] = torch.tensor(
-                batch["attention_mask"].sum().item() / (now - self._last_step_end)
-            )
+            metrics["train/tokens_per_s"] = torch.tensor(tokens.item() / (now - self._last_step_end))
         self._last_step_end = now
         metrics["train/loss"] = loss.detach()
         metrics["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])

@@ -4,8 +4,10 @@ measures the trained drafter and its untrained start against plain decoding, in 
 
     run.dir/config.yaml            the resolved recipe (written by the CLI)
     run.dir/cache/                 the hidden-state cache (offline mode)
-    run.dir/logs/                  TensorBoard: train/*, eval/*
-    run.dir/checkpoints/           last.ckpt (resumed by a rerun with the same run.dir) and best-*.ckpt (eval/tau)
+    run.dir/logs/                  TensorBoard: train/*, eval/* (run.dir/logs/<run.log_version> when set, e.g.
+                                   the Slurm job id: a requeued job continues its curve)
+    run.dir/checkpoints/           last.ckpt (resumed by a rerun with the same run.dir) and best-*.ckpt (eval/tau);
+                                   directories of shards under DeepSpeed
     run.dir/drafter/               the trained drafter (the last step, or an earlier one the hook measured better)
     run.dir/eval.json, eval.png    the final report (eval.out)
 """
@@ -19,12 +21,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from specdec.data_prep import (
-    CacheError,
     HiddenStateCache,
     Target,
     TargetConfig,
@@ -46,6 +48,17 @@ from specdec.trainer.data import CachedSamples, DrafterData, TokenSamples, steps
 from specdec.trainer.drafters import DRAFTERS, DrafterKind, drafter_kind
 from specdec.trainer.module import DrafterModule
 from specdec.trainer.objectives import OBJECTIVES
+from specdec.trainer.requeue import JobRequeued, RequeueOnSignal
+from specdec.trainer.strategies import (
+    GPU_ONLY,
+    SHARDS_PARAMETERS,
+    build_strategy,
+    check_strategy,
+    checkpoint_step,
+    full_weights,
+    read_checkpoint,
+    wrap_classes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,7 @@ class TrainResult:
     steps: int
     train_tokens: int  # real (unpadded) tokens the drafter saw
     train_seconds: float  # trainer.fit alone (this session's part, after a resume)
+    is_global_zero: bool = True  # the rank that writes the report (and exports); the others print nothing
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -123,16 +137,21 @@ def training_set(cfg: SpecdecConfig, target: Target, layers: list[int], progress
             target, cfg.data, key=key, work_dir=Path(cfg.cache.dir), seed=cfg.run.seed, progress=progress
         )
         return TokenSamples(samples)
-    if not (Path(cfg.cache.dir) / "manifest.json").is_file():
-        if distributed_rank()[1] > 1:
-            raise CacheError(
-                f"cache.dir={cfg.cache.dir} has no finished cache; with several ranks build it first with "
-                "`specdec-prep` and the same recipe (or train with cache.online=true)."
-            )
-        log.info("no cache in %s: building it first (specdec-prep does the same)", cfg.cache.dir)
+    manifest = Path(cfg.cache.dir) / "manifest.json"
+    if not manifest.is_file():
+        rank, world = distributed_rank()  # srun or torchrun tasks; Lightning's own launcher starts its ranks later
+        log.info("no cache in %s: building it first, as specdec-prep does (rank %d of %d)", cfg.cache.dir, rank, world)
         prepare_cache(
             target, target_cfg=cfg.target, data_cfg=cfg.data, cache_cfg=cfg.cache, layers=layers, seed=cfg.run.seed
         )
+        # each rank wrote its share of the shards; the last to finish writes the manifest (a rank that
+        # fails ends the job: srun --kill-on-bad-exit, torchrun's agent)
+        waiting = time.monotonic()
+        while not manifest.is_file():
+            if time.monotonic() - waiting > 60:
+                log.info("rank %d: waiting for the other ranks to finish the cache (%s)", rank, manifest)
+                waiting = time.monotonic()
+            time.sleep(1)
     return CachedSamples(HiddenStateCache(cfg.cache.dir, expected_key=key))
 
 
@@ -151,11 +170,46 @@ def check_built(cfg: SpecdecConfig) -> None:
         )
 
 
+def draft_from_checkpoint(
+    cfg: SpecdecConfig, kind: DrafterKind, target: Target, state: dict, source: Path
+) -> torch.nn.Module:
+    """This recipe's drafter built afresh (its shape) with every trained tensor from a checkpoint's state."""
+    draft = kind.build(cfg.draft, target, [], cfg.run.seed)
+    own = {key.removeprefix("draft."): value for key, value in state["state_dict"].items() if key.startswith("draft.")}
+    missing, unexpected = draft.load_state_dict(own, strict=False)
+    missing = [key for key in missing if key not in kind.shared_keys(draft)]
+    if missing or unexpected:
+        raise RecipeError(
+            f"{source}: not a checkpoint of this recipe's drafter (draft.name={cfg.draft.name}; missing "
+            f"{missing[:4]}, unexpected {unexpected[:4]}). Give the recipe the run was trained with."
+        )
+    return draft
+
+
+def leave_process_group(trainer: L.Trainer) -> None:
+    """Every rank leaves together: a rank that exits while the others still use the process group
+    aborts in gloo's teardown ("terminate called without an active exception"), a failed task to srun."""
+    if torch.distributed.is_initialized():
+        trainer.strategy.barrier("leaving")
+        torch.distributed.destroy_process_group()
+
+
+def resume_checkpoint(checkpoints: Path) -> Path | None:
+    """last.ckpt, after removing what a writer killed mid-save left behind; None on a first run."""
+    if checkpoints.is_dir():
+        for path in remove_dead_writers_files(checkpoints):
+            log.info("removed %s, left by a run killed while saving", path)
+    last = checkpoints / "last.ckpt"
+    return last if last.exists() else None
+
+
 def train(
     cfg: SpecdecConfig, *, callbacks: list[L.Callback] = (), progress: bool = True, report: bool = True
 ) -> TrainResult:
-    """Train, save the drafter, and (if `report`) measure it against its untrained start."""
+    """Train, save the drafter, and (if `report`) measure it against its untrained start. Under Slurm
+    a requeue signal ends the run early with JobRequeued (the job's next start resumes)."""
     run_dir = Path(cfg.run.dir)
+    check_strategy(cfg.trainer.strategy, cfg.trainer.accelerator)
     L.seed_everything(cfg.run.seed, verbose=False)
     target = load_target(cfg.target, seed=cfg.run.seed)
     draft_init = getattr(cfg.draft, "init", None)
@@ -168,6 +222,8 @@ def train(
     dataset = training_set(cfg, target, layers, progress)
     draft = kind.build(cfg.draft, target, dataset.token_samples(), cfg.run.seed)
     untrained = kind.serving_copy(draft, target.model.dtype)  # its start, kept before any step changes it
+    online = cfg.cache.online and bool(layers)
+    shards = cfg.trainer.strategy in SHARDS_PARAMETERS
     module = DrafterModule(
         draft,
         kind=kind,
@@ -175,8 +231,9 @@ def train(
         objectives=cfg.objective,
         optim=cfg.optim,
         lm_head=target.model.get_output_embeddings().weight,
-        target=target.model if cfg.cache.online and layers else None,
+        target=target.model if online else None,
         layers=layers,
+        shard_target=shards,
         eval_k=cfg.eval.k,
     )
 
@@ -202,6 +259,7 @@ def train(
         every_n_steps=cfg.eval.every_n_steps,
         batch_size=cfg.eval.batch_size,
         seed=cfg.run.seed,
+        full_weights=full_weights,
     )
     checkpoints = run_dir / "checkpoints"
     last = ModelCheckpoint(
@@ -215,12 +273,26 @@ def train(
         save_top_k=1,
         every_n_train_steps=cfg.eval.every_n_steps,
     )
+    resume = resume_checkpoint(checkpoints)
+    # Under Slurm (srun tasks): ranks from SLURMEnvironment, and our requeue handler in place of its own
+    slurm = SLURMEnvironment.detect()
+    requeue = RequeueOnSignal(checkpoints / "last.ckpt") if slurm else None
+    # A rerun from an earlier step than the logs reached (a kill between checkpoints) hides the
+    # logged steps after it: TensorBoard purges them at purge_step, so the curve stays one line.
+    logger = TensorBoardLogger(
+        save_dir=run_dir / "logs" if cfg.run.log_version else run_dir,
+        name="",
+        version=cfg.run.log_version or "logs",
+        default_hp_metric=False,
+        purge_step=checkpoint_step(resume) if resume else None,
+    )
+    strategy = build_strategy(cfg.trainer.strategy, wrap=wrap_classes(target.model, draft))
     trainer = L.Trainer(
-        **vars(cfg.trainer),
+        **{**vars(cfg.trainer), "strategy": strategy},
         default_root_dir=run_dir,
-        logger=TensorBoardLogger(save_dir=run_dir, name="", version="logs", default_hp_metric=False),
-        callbacks=[hook, last, best, *callbacks],
-        plugins=[AtomicCheckpointIO()],
+        logger=logger,
+        callbacks=[hook, last, best, *([requeue] if requeue else []), *callbacks],
+        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if slurm else [])],
         use_distributed_sampler=False,  # DrafterData shards its batches by rank
         num_sanity_val_steps=0,
         enable_progress_bar=progress,
@@ -233,46 +305,62 @@ def train(
         )
         trainer.fit_loop.epoch_loop.max_steps = cfg.trainer.max_epochs * per_epoch
         trainer.fit_loop.max_epochs = -1
-    resume = checkpoints / "last.ckpt"
-    if checkpoints.is_dir():
-        for path in remove_dead_writers_files(checkpoints):
-            log.info("removed %s, left by a run killed while saving", path)
-    if resume.is_file():
+    if resume:
         log.info("resuming from %s", resume)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=resume if resume.is_file() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
     train_seconds = time.perf_counter() - start
+    if requeue is not None and requeue.saved_at is not None:
+        leave_process_group(trainer)
+        if trainer.is_global_zero:
+            requeue.requeue_job()
+        raise JobRequeued(f"saved {requeue.checkpoint} at step {requeue.saved_at} for the requeued job")
     # ModelCheckpoint writes every n steps only: last.ckpt holds the final step too (the same file
     # again when the last step was one of them)
-    trainer.save_checkpoint(resume)
+    final = checkpoints / "last.ckpt"
+    trainer.save_checkpoint(final, weights_only=False)
 
     train_tokens = int(module.tokens_seen.item())
     final_tau = trainer.callback_metrics.get("eval/tau")  # the hook measures the last step too
-    if best.best_model_path and (final_tau is None or best.best_model_score > final_tau):
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
-        module.on_load_checkpoint(state)
-        module.load_state_dict(state["state_dict"])
-        log.info("drafter from %s (eval/tau %.3f)", best.best_model_path, best.best_model_score)
-    drafter_dir = kind.save(module.draft, run_dir / "drafter", target.model.config, feature_layers)
+    from_best = bool(best.best_model_path) and (final_tau is None or best.best_model_score > final_tau)
+    chosen = Path(best.best_model_path) if from_best else final
+    drafter_dir = run_dir / "drafter"
+    if trainer.is_global_zero:
+        if from_best or cfg.trainer.strategy in GPU_ONLY:
+            # under FSDP and DeepSpeed the module holds a shard (or ZeRO-1/2's bf16 copy): read the checkpoint
+            final_draft = draft_from_checkpoint(cfg, kind, target, read_checkpoint(chosen), chosen)
+        else:
+            final_draft = module.draft
+        if from_best:
+            log.info("drafter from %s (eval/tau %.3f)", chosen, best.best_model_score)
+        kind.save(final_draft, drafter_dir, target.model.config, feature_layers)
+    trainer.strategy.barrier("drafter saved")
     trained, _ = kind.load(drafter_dir, target.model)
-    trained, untrained = trained.to(target.model.device), untrained.to(target.model.device)  # where the hook put it
+    served = {
+        "trained": trained.to(target.model.device),
+        "untrained": untrained.to(target.model.device),
+    }  # the hook's device
     reports = {}
-    if report and trainer.is_global_zero:
-        reports = evaluate_drafters(
-            target.model,
-            {"trained": kind.session(trained, feature_layers), "untrained": kind.session(untrained, feature_layers)},
-            report_prompts,
-            cfg=spec,
-            eos_token_ids=eos,
-            batch_size=cfg.eval.batch_size,
-            seed=cfg.run.seed,
-            progress=progress,
-            bench=cfg.eval.bench,
-        )
+    if report:
+        with full_weights(trainer, module):  # every rank decodes its share of the prompts
+            reports = evaluate_drafters(
+                target.model,
+                {name: kind.session(drafter, feature_layers) for name, drafter in served.items()},
+                report_prompts,
+                cfg=spec,
+                eos_token_ids=eos,
+                batch_size=cfg.eval.batch_size,
+                seed=cfg.run.seed,
+                progress=progress,
+                bench=cfg.eval.bench,
+            )
         measured = {"trained": {}, "untrained": {"untrained": True}}
         reports = {
             name: replace(report, drafter=str(drafter_dir), **measured[name]) for name, report in reports.items()
         }
-        out = Path(cfg.eval.out)
-        write_reports(reports, out, title=f"{cfg.eval.bench}, k={cfg.eval.k}")
-    return TrainResult(drafter_dir, reports, trainer.global_step, train_tokens, train_seconds)
+        if trainer.is_global_zero:
+            write_reports(reports, Path(cfg.eval.out), title=f"{cfg.eval.bench}, k={cfg.eval.k}")
+        else:
+            reports = {}  # one rank writes, and exports
+    leave_process_group(trainer)
+    return TrainResult(drafter_dir, reports, trainer.global_step, train_tokens, train_seconds, trainer.is_global_zero)
