@@ -57,13 +57,14 @@ GROUPS = {
     "data": "conversations: path, format, max_samples, allow_truncated, on_bad_row, max_length, regenerate, ...",
     "cache": "the hidden-state cache: dir, layers, dtype (bf16, fp8), overwrite, shard_tokens, batch_tokens",
     "objective": "objectives by name, each with a weight and its own fields",
-    "trainer": "arguments of lightning.Trainer (devices, strategy, precision, max_steps, ...)",
+    "trainer": "arguments of lightning.Trainer (devices, num_nodes, precision, max_steps, ...); strategy: auto, "
+    "ddp, fsdp, deepspeed_stage_1/2/3 (and _2_offload, _3_offload)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
     "eval": "tau by the verifier: drafter (or compare: rows of drafter, untrained, mode, k), bench, num_prompts, "
     "max_new_tokens, k, tree_width, temperature, target_layers, out",
     "export": "the exported drafter: format (sglang, speculators, hf), dir, drafter, base_model, reports, dtype, "
     "license; the push: push_to, private, revision, overwrite, dry_run",
-    "run": "dir (everything of a run goes there) and seed",
+    "run": "dir (everything of a run goes there), seed, checkpoint_every_n_steps, log_version (TensorBoard run)",
 }
 
 

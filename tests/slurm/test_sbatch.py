@@ -132,28 +132,31 @@ def _check_resumed(run_dir: Path, log: str, job: str, expected: dict[str, torch.
     assert steps == list(range(STEPS)), steps  # one curve: no step missing, none twice
 
 
-def test_a_job_requeued_from_outside_resumes_from_its_checkpoint(cluster, uninterrupted, tmp_path: Path) -> None:
+def _interrupted_job(env: dict, tmp_path: Path, after_step: int, interrupt: list[str]) -> tuple[Path, str, str]:
+    """(run dir, job id, log) of train.sbatch interrupted by `interrupt JOB` once step `after_step` is
+    checkpointed, then left to come back and finish."""
     run_dir, out = tmp_path / "run", tmp_path / "slurm.out"
-    job = _sbatch(cluster, str(ROOT / "slurm/train.sbatch"), out, [*TRAIN, f"run.dir={run_dir}"])
-    _while_running(cluster, job, out, "the checkpoint of step 4", lambda: _checkpoint_step(run_dir) >= 4)
+    job = _sbatch(env, str(ROOT / "slurm/train.sbatch"), out, [*TRAIN, f"run.dir={run_dir}"])
+    _while_running(
+        env, job, out, f"the checkpoint of step {after_step}", lambda: _checkpoint_step(run_dir) >= after_step
+    )
+    subprocess.run([*interrupt, job], env=env, check=True)
+    _until("the job to finish", lambda: _job(env, job).get("JobState") in ("COMPLETED", "FAILED"), 600)
+    assert _job(env, job)["JobState"] == "COMPLETED", out.read_text()[-3000:]
+    return run_dir, job, out.read_text()
+
+
+def test_a_job_requeued_from_outside_resumes_from_its_checkpoint(cluster, uninterrupted, tmp_path: Path) -> None:
     # SIGTERM now, then back in the queue; Slurm holds it for cred_expire (10 s, slurm/cluster.sh)
-    subprocess.run(["scontrol", "requeue", job], env=cluster, check=True)
-    _until("the job to finish", lambda: _job(cluster, job).get("JobState") in ("COMPLETED", "FAILED"), 600)
-    assert _job(cluster, job)["JobState"] == "COMPLETED", out.read_text()[-3000:]
-    _check_resumed(run_dir, out.read_text(), job, uninterrupted)
+    run_dir, job, log = _interrupted_job(cluster, tmp_path, 4, ["scontrol", "requeue"])
+    _check_resumed(run_dir, log, job, uninterrupted)
 
 
 def test_a_job_signalled_before_its_time_limit_saves_requeues_itself_and_resumes(
     cluster, uninterrupted, tmp_path: Path
 ) -> None:
-    run_dir, out = tmp_path / "run", tmp_path / "slurm.out"
-    job = _sbatch(cluster, str(ROOT / "slurm/train.sbatch"), out, [*TRAIN, f"run.dir={run_dir}"])
-    _while_running(cluster, job, out, "the checkpoint of step 2", lambda: _checkpoint_step(run_dir) >= 2)
     # what --signal=SIGUSR1@120 sends to every task 120 s before the time limit
-    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
-    _until("the job to finish", lambda: _job(cluster, job).get("JobState") in ("COMPLETED", "FAILED"), 600)
-    assert _job(cluster, job)["JobState"] == "COMPLETED", out.read_text()[-3000:]
-    log = out.read_text()
+    run_dir, job, log = _interrupted_job(cluster, tmp_path, 2, ["scancel", "--signal=USR1"])
     saved = re.search(r"signal 10: saved \S+ at step (\d+)", log)
     assert saved and 2 <= int(saved.group(1)) < STEPS, log[-3000:]
     assert f"requeueing Slurm job {job}" in log
