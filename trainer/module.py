@@ -127,7 +127,9 @@ class DrafterModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Called once the gradients of the step are accumulated, before clipping and the step.
+        # Called once the gradients of the step are accumulated, before clipping and the step. Under
+        # DeepSpeed ZeRO-2/3 the gradients live in the engine's partitions (p.grad is None), so only the
+        # loss check guards those runs.
         bad = [name for name, p in self.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
         if bad:
             batch_idx, samples = self._last_batch

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from specdec.data_prep import load_target
@@ -274,6 +275,12 @@ def test_a_deepspeed_checkpoint_directory_is_consolidated_into_the_drafter(
         torch.testing.assert_close(value.float(), expected[key], rtol=0, atol=1e-6, msg=key)
     untrained = kind.build(cfg.draft, tiny_target, [], cfg.run.seed)
     assert not torch.equal(untrained.fc.weight, draft.fc.weight)  # two AdamW steps moved it
+    # specdec-export takes the directory as it takes a checkpoint file
+    export = ["recipe=tiny", f"run.dir={tmp_path}", "cache.online=true", f"export.drafter={written}"]
+    assert cli.export_main([*export, "export.format=sglang", f"export.dir={tmp_path / 'export'}"]) == 0
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    written_fc = exported["fc.weight"]  # in the target's dtype
+    torch.testing.assert_close(written_fc, expected["fc.weight"].to(written_fc.dtype), rtol=0, atol=1e-6)
 
 
 def test_check_strategy_takes_every_listed_name_on_a_gpu_machine_only() -> None:
