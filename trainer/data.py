@@ -15,7 +15,7 @@ restores one too high (Lightning-AI/pytorch-lightning#18060: the batch progress 
 batch counts as completed), so `train` also turns max_epochs into max_steps.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -92,8 +92,11 @@ class LengthBucketBatches(Sampler[list[int]]):
     so that a step never spans two epochs); the batches left over are dropped.
 
     The sampler is a cursor: `position` counts this rank's batches since the start of training, and
-    each iteration yields the rest of the epoch the cursor is in. A restart sets `position` from the
-    restored step; nothing else about the order is state."""
+    each iteration yields the rest of the epoch the cursor is in. `batches_done`, when given, places
+    the cursor at each iteration's start (the trainer's restored step times its accumulation): read
+    then, not when the loader is built, because Lightning can build it before it restores a
+    checkpoint (estimating a cosine schedule's length under max_epochs does). Nothing else about the
+    order is state."""
 
     def __init__(
         self,
@@ -105,6 +108,7 @@ class LengthBucketBatches(Sampler[list[int]]):
         world: int = 1,
         accumulate: int = 1,
         bucket: int = 32,
+        batches_done: Callable[[], int] | None = None,
     ) -> None:
         if len(lengths) < batch_size * world * accumulate:
             step = f"{accumulate} batches of {batch_size}" if accumulate > 1 else f"one batch of {batch_size}"
@@ -115,6 +119,7 @@ class LengthBucketBatches(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
         self.rank, self.world, self.accumulate, self.bucket = rank, world, accumulate, bucket
         self.position = 0
+        self.batches_done = batches_done
 
     def __len__(self) -> int:
         steps = steps_per_epoch(len(self.lengths), self.batch_size, world=self.world, accumulate=self.accumulate)
@@ -136,6 +141,8 @@ class LengthBucketBatches(Sampler[list[int]]):
         return [batches[i] for i in ranks][: len(self)]
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.batches_done is not None:
+            self.position = self.batches_done()
         epoch, skip = divmod(self.position, len(self))
         for batch in self.epoch_batches(epoch)[skip:]:
             self.position += 1
@@ -158,7 +165,7 @@ class DrafterData(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             world=trainer.world_size if trainer else 1,
             accumulate=trainer.accumulate_grad_batches if trainer else 1,
+            # after a restart: the batches behind the restored step were trained on
+            batches_done=(lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer else None,
         )
-        if trainer is not None:  # after a restart: the batches behind the restored step were trained on
-            batches.position = trainer.global_step * trainer.accumulate_grad_batches
         return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate)

@@ -78,8 +78,8 @@ def test_two_ddp_ranks_reach_the_weights_of_one_process_with_the_same_global_bat
 def test_a_two_rank_run_killed_mid_run_resumes_to_the_uninterrupted_weights(two_rank_run, tmp_path: Path) -> None:
     whole, _ = two_rank_run
     killed = tmp_path / "killed"
-    # rank 0 SIGKILLs every process of the run at the start of step 6: the checkpoint of step 4 is the
-    # last one, so steps 5 and 6 train again after the restart
+    # rank 0 SIGKILLs every process of the run once 5 steps are done: the checkpoint of step 4 is the
+    # last one, so step 5 trains again after the restart
     script = tmp_path / "killed_run.py"  # a file: Lightning's launcher reruns it for rank 1
     script.write_text(
         textwrap.dedent(
@@ -111,7 +111,7 @@ def test_a_two_rank_run_killed_mid_run_resumes_to_the_uninterrupted_weights(two_
     assert found_step == expected_step == 8
     for key in expected:
         torch.testing.assert_close(found[key], expected[key], rtol=0, atol=1e-6, msg=key)
-    # TensorBoard: steps 5 and 6 were logged twice, and the restart's purge_step hides the first ones
+    # TensorBoard: step 5 was logged by both runs, and the restart's purge_step hides the first one
     events = EventAccumulator(str(killed / "logs"))
     events.Reload()
     steps = [event.step for event in events.Scalars("train/loss")]

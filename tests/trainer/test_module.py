@@ -229,8 +229,14 @@ def _final_state(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
         (["run.checkpoint_every_n_steps=1", "trainer.max_steps=4", "trainer.accumulate_grad_batches=2"], [1, 2, 3]),
         (["run.checkpoint_every_n_steps=2", "trainer.max_steps=8"], [5]),
         (["run.checkpoint_every_n_steps=1", "trainer.max_steps=-1", "trainer.max_epochs=3"], [3, 4]),
+        # max_steps under a recipe's max_epochs with a cosine schedule: Lightning builds the loader
+        # before it restores the checkpoint (to size the schedule), so the cursor is read at iteration
+        (
+            ["run.checkpoint_every_n_steps=2", "trainer.max_steps=8", "trainer.max_epochs=4", "optim.schedule=cosine"],
+            [5],
+        ),
     ],
-    ids=["every-position", "accumulate-2", "between-checkpoints", "max-epochs"],
+    ids=["every-position", "accumulate-2", "between-checkpoints", "max-epochs", "cosine-under-max-epochs"],
 )
 def test_a_run_killed_again_and_again_resumes_to_the_same_weights(
     tmp_path: Path, overrides: list[str], kills: list[int]
