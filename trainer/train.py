@@ -194,12 +194,11 @@ def leave_process_group(trainer: L.Trainer) -> None:
         torch.distributed.destroy_process_group()
 
 
-def resume_checkpoint(checkpoints: Path) -> Path | None:
-    """last.ckpt, after removing what a writer killed mid-save left behind; None on a first run."""
-    if checkpoints.is_dir():
-        for path in remove_dead_writers_files(checkpoints):
+def resume_checkpoint(last: Path) -> Path | None:
+    """`last` (last.ckpt), after removing what a writer killed mid-save left beside it; None on a first run."""
+    if last.parent.is_dir():
+        for path in remove_dead_writers_files(last.parent):
             log.info("removed %s, left by a run killed while saving", path)
-    last = checkpoints / "last.ckpt"
     return last if last.exists() else None
 
 
@@ -273,10 +272,11 @@ def train(
         save_top_k=1,
         every_n_train_steps=cfg.eval.every_n_steps,
     )
-    resume = resume_checkpoint(checkpoints)
+    last_checkpoint = checkpoints / "last.ckpt"
+    resume = resume_checkpoint(last_checkpoint)
     # Under Slurm (srun tasks): ranks from SLURMEnvironment, and our requeue handler in place of its own
     slurm = SLURMEnvironment.detect()
-    requeue = RequeueOnSignal(checkpoints / "last.ckpt") if slurm else None
+    requeue = RequeueOnSignal(last_checkpoint) if slurm else None
     # A rerun from an earlier step than the logs reached (a kill between checkpoints) hides the
     # logged steps after it: TensorBoard purges them at purge_step, so the curve stays one line.
     logger = TensorBoardLogger(
@@ -317,19 +317,22 @@ def train(
         raise JobRequeued(f"saved {requeue.checkpoint} at step {requeue.saved_at} for the requeued job")
     # ModelCheckpoint writes every n steps only: last.ckpt holds the final step too (the same file
     # again when the last step was one of them)
-    final = checkpoints / "last.ckpt"
-    trainer.save_checkpoint(final, weights_only=False)
+    trainer.save_checkpoint(last_checkpoint, weights_only=False)
 
     train_tokens = int(module.tokens_seen.item())
     final_tau = trainer.callback_metrics.get("eval/tau")  # the hook measures the last step too
     from_best = bool(best.best_model_path) and (final_tau is None or best.best_model_score > final_tau)
-    chosen = Path(best.best_model_path) if from_best else final
+    chosen = Path(best.best_model_path) if from_best else last_checkpoint
     drafter_dir = run_dir / "drafter"
     if trainer.is_global_zero:
-        if from_best or cfg.trainer.strategy in GPU_ONLY:
+        if cfg.trainer.strategy in GPU_ONLY:
             # under FSDP and DeepSpeed the module holds a shard (or ZeRO-1/2's bf16 copy): read the checkpoint
             final_draft = draft_from_checkpoint(cfg, kind, target, read_checkpoint(chosen), chosen)
         else:
+            if from_best:  # the module holds whole tensors: load the kept step into it
+                state = torch.load(chosen, map_location="cpu", weights_only=True)
+                module.on_load_checkpoint(state)
+                module.load_state_dict(state["state_dict"])
             final_draft = module.draft
         if from_best:
             log.info("drafter from %s (eval/tau %.3f)", chosen, best.best_model_score)
