@@ -99,7 +99,7 @@ def _draft(drafter: Drafter | None, pending: torch.Tensor, state: _TargetState, 
     tree = drafter.propose_tree(pending, cfg.k, cfg.tree_width)
     tokens = torch.cat([pending[:, None], tree.tokens], dim=1)
     mask = kv.tree_attention_mask(state.mask, ancestor_mask(tree), state.model.dtype)
-    drafted = tree.tokens.new_full(pending.shape, tree.tokens.shape[1])
+    drafted = tree.tokens.new_full(pending.shape, tree.tokens.shape[1]) if tree.sizes is None else tree.sizes
     return _Block(tokens, block_offsets(tree), mask, drafted, None, tree)
 
 

@@ -25,6 +25,9 @@ import torch
 class DraftTree:
     tokens: torch.Tensor  # [B, N] int64
     parents: torch.Tensor  # [B, N] int64: parent node of each node, -1 under the root; parents[b, i] < i
+    # [B] int64: a row's real nodes, the first sizes[b] (the others pad it to N and are never accepted);
+    # None = N for every row
+    sizes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2 or self.tokens.shape != self.parents.shape:

@@ -60,8 +60,8 @@ GROUPS = {
     "trainer": "arguments of lightning.Trainer (devices, num_nodes, precision, max_steps, ...); strategy: auto, "
     "ddp, fsdp, deepspeed_stage_1/2/3 (and _2_offload, _3_offload)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
-    "eval": "tau by the verifier: drafter (or compare: rows of drafter, untrained, mode, k), bench, num_prompts, "
-    "max_new_tokens, k, tree_width, temperature, target_layers, out",
+    "eval": "tau by the verifier: drafter (or compare: rows of drafter, untrained, mode, k, tree_width), bench, "
+    "num_prompts, max_new_tokens, k, tree_width, temperature, target_layers, out",
     "export": "the exported drafter: format (sglang, speculators, hf), dir, drafter, base_model, reports, dtype, "
     "license; the push: push_to, private, revision, overwrite, dry_run",
     "run": "dir (everything of a run goes there), seed, checkpoint_every_n_steps, log_version (TensorBoard run)",
@@ -144,7 +144,9 @@ def _print_reports(reports: dict[str, EvalReport], bench: str) -> None:
             else f", output = target's greedy: {report.greedy_matches_target:.0%}"
         )
         print(
-            f"  {name:<{width}} tau {report.tau:.3f}  k={report.k}, accepted per position "
+            f"  {name:<{width}} tau {report.tau:.3f}  k={report.k}"
+            + (f" tree_width={report.tree_width}" if report.tree_width > 1 else "")
+            + ", accepted per position "
             + " ".join(f"{r:.2f}" for r in report.accept_rate_per_pos)
             + f"  {report.tokens_per_s:.1f} tokens/s, speedup {report.speedup:.2f}x, "
             + f"draft {report.draft_ms_per_step:.1f} ms/step{matches}"
@@ -252,6 +254,8 @@ def _check_rows(rows: list[tuple[str, CompareConfig]]) -> None:
         first_with_name.setdefault(row.name, key)
         if row.k is not None and row.k < 1:
             problems.append(f"{key}.k: {row.k}; expected null (eval.k) or at least one draft token")
+        if row.tree_width is not None and row.tree_width < 1:
+            problems.append(f"{key}.tree_width: {row.tree_width}; expected null (eval.tree_width), 1 or more")
         kind = saved_kind(row.drafter)
         if kind is None:
             not_saved = f"{row.drafter} is not a drafter saved by specdec-train, so it is served as a causal LM"
@@ -328,7 +332,11 @@ def _eval(cfg: SpecdecConfig) -> None:
             _row_drafters(cfg, target, rows),
             prompts,
             cfg=spec,
-            configs={row.name: replace(spec, k=row.k) for _, row in rows if row.k is not None},
+            configs={
+                row.name: replace(spec, k=row.k or spec.k, tree_width=row.tree_width or spec.tree_width)
+                for _, row in rows
+                if row.k is not None or row.tree_width is not None
+            },
             eos_token_ids=eos_token_ids(target),
             batch_size=cfg.eval.batch_size,
             seed=cfg.run.seed,

@@ -33,51 +33,17 @@ class RecipeError(ValueError):
 
 
 # ---- drafters and objectives, chosen by name ----
-# The built ones register with their config dataclass (specdec.trainer.drafters, .objectives). The
-# recipes of the drafters that later issues bring already check against these dataclasses; training
-# them stops with the issue's number.
-
-
-@dataclass
-class CtcDraftConfig:
-    """CTC-drafter (Wen et al., arXiv 2412.00061): a draft head with a blank symbol."""
-
-    name: str = "ctc"
-    blank_id: int = 0  # the released code reuses Llama's <unk> (id 0) as the blank
-
-    def target_layers(self, num_layers: int) -> list[int]:
-        """The last hidden state, which the released code's EAGLE-1-style head reads."""
-        return [num_layers]
-
-
-@dataclass
-class CtcConfig:
-    """CTC loss over a window of draft frames against the target's next tokens."""
-
-    weight: float = 0.01  # CTC-drafter default c_w
-    frames: int = 6  # emission frames per window (released code)
-    label_len: int = 3  # target tokens per window (released code `fixlen`)
-
-
-# name -> (config dataclass, the issue that builds it)
-PLANNED_DRAFTERS: dict[str, tuple[type, int]] = {"ctc": (CtcDraftConfig, 20)}
-PLANNED_OBJECTIVES: dict[str, tuple[type, int]] = {"ctc": (CtcConfig, 20)}
+# Each registers with its config dataclass (specdec.trainer.drafters, specdec.trainer.objectives).
 
 
 def draft_configs() -> dict[str, type]:
-    """draft.name -> its dataclass: the registered drafters, then the planned ones."""
-    return {
-        **{name: kind.config for name, kind in DRAFTERS.items()},
-        **{name: config for name, (config, _) in PLANNED_DRAFTERS.items()},
-    }
+    """draft.name -> its dataclass."""
+    return {name: kind.config for name, kind in DRAFTERS.items()}
 
 
 def objective_configs() -> dict[str, type]:
-    """objective name -> its dataclass: the registered objectives, then the planned ones."""
-    return {
-        **{name: objective.config for name, objective in OBJECTIVES.items()},
-        **{name: config for name, (config, _) in PLANNED_OBJECTIVES.items()},
-    }
+    """objective name -> its dataclass."""
+    return {name: objective.config for name, objective in OBJECTIVES.items()}
 
 
 # ---- the loop, the optimizer, eval, export, the run ----
@@ -116,7 +82,7 @@ class OptimConfig:
 
 @dataclass
 class CompareConfig:
-    """One row of a specdec-eval comparison: a drafter, how it is served, and its draft length."""
+    """One row of a specdec-eval comparison: a drafter, how it is served, and its draft shape."""
 
     name: str = MISSING  # its row in the report
     # a drafter saved by specdec-train (run.dir/drafter), or a causal LM (directory or Hub id) that
@@ -124,7 +90,8 @@ class CompareConfig:
     drafter: str = MISSING
     untrained: bool = False  # the saved drafter's untrained start instead (the kind's untrained_like)
     mode: str | None = None  # a serving mode of the drafter's kind (its `modes`); None = its default session
-    k: int | None = None  # draft tokens per verify step; None = eval.k
+    k: int | None = None  # draft tokens per verify step (a tree's depth); None = eval.k
+    tree_width: int | None = None  # 1 = a chain, W > 1 = a tree; None = eval.tree_width
 
 
 @dataclass
@@ -247,6 +214,8 @@ _RANGES = [
     ("data.batch_size", lambda v: v > 0, "a positive number of sequences"),
     ("data.max_samples", lambda v: v is None or v > 0, "null or a positive count"),
     ("optim.lr", lambda v: v > 0, "a positive learning rate"),
+    ("draft.frames", lambda v: v > 0, "at least one query slot"),
+    ("objective.ctc.label_len", lambda v: v > 0, "at least one label per window"),
     ("optim.warmup_steps", lambda v: v >= 0, "zero or more steps"),
     ("eval.k", lambda v: v >= 1, "at least one draft token"),
     ("eval.num_prompts", lambda v: v >= 1, "at least one prompt"),
@@ -308,6 +277,9 @@ def validate(cfg: DictConfig) -> SpecdecConfig:
                 f"objective.{name}: takes {', '.join(sorted(needs - kind.inputs))}, which draft.name={draft_name} "
                 f"does not give (it gives {', '.join(sorted(kind.inputs))}); choose another objective or drafter"
             )
+
+    if kind is not None and not problems:  # the pair, once each checks out on its own
+        problems += kind.check(OmegaConf.to_object(draft), {n: OmegaConf.to_object(o) for n, o in objectives.items()})
 
     for key, check, expected in _RANGES:
         value = OmegaConf.select(cfg, key)

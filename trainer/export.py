@@ -271,6 +271,11 @@ def export(cfg: SpecdecConfig) -> ExportResult:
         work = Path(work)
         source = _source(cfg, work)
         kind, exporters = _exporters(source)
+        if not exporters:
+            raise RecipeError(
+                f"{source}: a {kind} drafter, which no serving engine loads (vLLM and SGLang have no {kind} method); "
+                "specdec-eval measures it (eval.drafter=...)."
+            )
         if fmt is None or fmt not in exporters:
             given = "not set" if fmt is None else f"{fmt}, which does not fit"
             raise RecipeError(

@@ -2,7 +2,7 @@
 
 One training step:
     target_hidden = the cached (offline) or freshly computed (online) target layers   [B, T, L, H]
-    inputs        = the drafter kind's training_inputs(draft, batch, target_hidden, lm_head)
+    inputs        = the drafter kind's training_inputs(draft, batch, target_hidden, lm_head, the inputs wanted)
     loss          = sum over the recipe's objectives of weight * objective(**the inputs it declares)
 What `inputs` holds is the drafter kind's business (specdec.trainer.drafters), and the recipe check
 makes sure it holds every tensor the recipe's objectives take.
@@ -91,8 +91,9 @@ class DrafterModule(L.LightningModule):
         self, batch: dict[str, torch.Tensor], *, diagnostics: bool = True
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted loss, metrics) of one batch: the same function for both modes and for tests."""
+        wanted = frozenset(key for name in self.objectives for key in OBJECTIVES[name].inputs)
         inputs = self.kind.training_inputs(
-            self.draft, batch, self.target_hidden(batch), self.frozen["lm_head"], self.draft_cfg
+            self.draft, batch, self.target_hidden(batch), self.frozen["lm_head"], self.draft_cfg, wanted
         )
         loss, metrics = None, {}
         for name, cfg in self.objectives.items():

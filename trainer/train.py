@@ -43,9 +43,9 @@ from specdec.eval import Sampling, SpecConfig
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
 from specdec.eval.hook import SpecEvalCallback
 from specdec.eval.prompts import PromptError, load_prompts
-from specdec.trainer.config import PLANNED_DRAFTERS, PLANNED_OBJECTIVES, RecipeError, SpecdecConfig
+from specdec.trainer.config import RecipeError, SpecdecConfig
 from specdec.trainer.data import CachedSamples, DrafterData, TokenSamples, steps_per_epoch
-from specdec.trainer.drafters import DRAFTERS, DrafterKind, drafter_kind
+from specdec.trainer.drafters import DrafterKind, drafter_kind
 from specdec.trainer.module import DrafterModule
 from specdec.trainer.objectives import OBJECTIVES
 from specdec.trainer.requeue import JobRequeued, RequeueOnSignal
@@ -111,21 +111,22 @@ def needs_teacher(cfg: SpecdecConfig, kind: DrafterKind) -> bool:
 
 def target_layers(cfg: SpecdecConfig, target: Target) -> tuple[list[int], tuple[int, ...]]:
     """(the target layers cached or computed online, the drafter's features among them): the layers
-    the drafter reads, then the final normed state N when an objective needs the teacher. Empty
-    when neither: the drafter trains on token ids alone, with no cache and no target forward."""
-    kind = DRAFTERS.get(cfg.draft.name)  # a planned kind (check_built) caches as if it needed the teacher
+    the drafter reads (cache.layers, or the drafter's default), then the final normed state N when an
+    objective needs the teacher, unless the drafter's last feature is N already (the CTC drafter
+    reads N alone). Empty when neither: the drafter trains on token ids alone, with no cache and no
+    target forward."""
     num_layers = target.model.config.num_hidden_layers
-    teacher = kind is None or needs_teacher(cfg, kind)
-    if not cfg.cache.layers:
-        features = list(cfg.draft.target_layers(num_layers))
-        return features + [num_layers] * teacher, tuple(features)
-    layers = list(cfg.cache.layers)
+    teacher = needs_teacher(cfg, drafter_kind(cfg.draft.name))
+    reads_final = cfg.draft.target_layers(num_layers)[-1:] == [num_layers]
+    layers = list(cfg.cache.layers or cfg.draft.target_layers(num_layers))
+    if teacher and not cfg.cache.layers and not reads_final:
+        return [*layers, num_layers], tuple(layers)
     if teacher and layers[-1] != num_layers:
         raise RecipeError(
             f"cache.layers={layers}: the last id must be {num_layers}, the target's final normed state, from "
             f"which the teacher's distribution is computed (e.g. cache.layers=[...,{num_layers}])."
         )
-    return layers, tuple(layers[:-1] if teacher else layers)
+    return layers, tuple(layers[:-1] if teacher and not reads_final else layers)
 
 
 def training_set(cfg: SpecdecConfig, target: Target, layers: list[int], progress: bool):
@@ -153,21 +154,6 @@ def training_set(cfg: SpecdecConfig, target: Target, layers: list[int], progress
                 waiting = time.monotonic()
             time.sleep(1)
     return CachedSamples(HiddenStateCache(cfg.cache.dir, expected_key=key))
-
-
-def check_built(cfg: SpecdecConfig) -> None:
-    """Refuse a recipe whose drafter or objectives a later issue brings (their fields check out)."""
-    planned = [
-        f"objective.{name} (issue #{PLANNED_OBJECTIVES[name][1]})"
-        for name in cfg.objective
-        if name in PLANNED_OBJECTIVES
-    ]
-    if cfg.draft.name in PLANNED_DRAFTERS:
-        planned.insert(0, f"draft.name={cfg.draft.name} (issue #{PLANNED_DRAFTERS[cfg.draft.name][1]})")
-    if planned:
-        raise RecipeError(
-            f"{', '.join(planned)}: training this is not built yet; the recipe checked out and its config is saved."
-        )
 
 
 def draft_from_checkpoint(
@@ -215,7 +201,6 @@ def train(
     if draft_init is not None:
         draft_tokenizer = load_tokenizer(TargetConfig(path=draft_init), key="draft.init")
         check_same_tokenizer(target.tokenizer, draft_tokenizer, target_name=cfg.target.path, draft_name=draft_init)
-    check_built(cfg)
     kind = drafter_kind(cfg.draft.name)
     layers, feature_layers = target_layers(cfg, target)
     dataset = training_set(cfg, target, layers, progress)

@@ -36,13 +36,13 @@ from specdec.eval.verify import Sampling, to_probs
 
 
 class Eagle3Attention(nn.Module):
-    """Llama attention whose q, k, v read the 2H-wide [embedding ; features] input."""
+    """Llama attention whose q, k, v read the 2H-wide [embedding ; features] input (or `width`)."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, width: int | None = None) -> None:
         super().__init__()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        width, bias = 2 * config.hidden_size, config.attention_bias
+        width, bias = width or 2 * config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(width, self.heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=bias)

@@ -234,3 +234,42 @@ class FixedTreeDrafter:
 
     def select_rows(self, rows) -> None:
         pass
+
+
+class PlannedAcceptance:
+    """A drafter that runs `session` (a drafter session) but drafts a planned number of accepted
+    tokens: at step s, row i of prompt index j accepts (s + j) % (k + 1) drafts of references[j]
+    (the target's own continuation), the next one made wrong, so rows advance differently while the
+    session commits what the verifier kept. record(rows, done, proposal) sees each proposal of the
+    session first: rows = the prompt index of each batch row, done = tokens generated per prompt."""
+
+    def __init__(self, session, references: list[list[int]], record, vocab_size: int = 64) -> None:
+        self.session, self.references, self.record, self.vocab_size = session, references, record, vocab_size
+        self.target_layers = session.target_layers
+
+    def begin(self, input_ids, attention_mask, target_hidden) -> None:
+        self.session.begin(input_ids, attention_mask, target_hidden)
+        self.rows, self.done, self.step = list(range(len(input_ids))), [0] * len(input_ids), 0
+
+    def propose_chain(self, pending, k, sampling, generator) -> ChainProposal:
+        proposal = self.session.propose_chain(pending, k, sampling, generator)
+        self.record(self.rows, self.done, proposal)
+        drafts = torch.zeros(len(pending), k, dtype=torch.long)
+        for row, index in enumerate(self.rows):
+            accept = (self.step + index) % (k + 1)
+            ahead = self.references[index][self.done[index] : self.done[index] + k]
+            ahead += [0] * (k - len(ahead))
+            drafts[row, :accept] = torch.tensor(ahead[:accept])
+            if accept < k:
+                drafts[row, accept] = (ahead[accept] + 1) % self.vocab_size  # rejected
+        self.step += 1
+        return ChainProposal(drafts, None)
+
+    def commit(self, block, kept, target_hidden) -> None:
+        for index, offsets in zip(self.rows, kept, strict=True):
+            self.done[index] += len(offsets)
+        self.session.commit(block, kept, target_hidden)
+
+    def select_rows(self, rows) -> None:
+        self.rows = [self.rows[r] for r in rows.tolist()]
+        self.session.select_rows(rows)

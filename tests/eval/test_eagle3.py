@@ -83,10 +83,10 @@ def test_the_embedding_is_shared_frozen_and_gets_no_gradient() -> None:
 
 
 # The session inside the engine: a random head over a tiny target.
-from specdec.eval import ChainProposal, SpecConfig, generate  # noqa: E402
+from specdec.eval import SpecConfig, generate  # noqa: E402
 from specdec.eval.drafters.eagle3 import Eagle3Drafter  # noqa: E402
 from specdec.eval.verify import Sampling  # noqa: E402
-from tests.eval.helpers import hf_greedy, tiny_lm  # noqa: E402
+from tests.eval.helpers import PlannedAcceptance, hf_greedy, tiny_lm  # noqa: E402
 
 TARGET = tiny_lm(seed=0)
 LAYERS = (1, 1, 2)  # HF output_hidden_states ids of the 2-layer target
@@ -238,40 +238,17 @@ def test_after_commits_the_session_drafts_what_a_fresh_session_on_the_accepted_p
     hook = head.lm_head.register_forward_hook(lambda module, args, output: logits_seen.append(output[:, -1]))
     session, records = Eagle3Drafter(head, LAYERS), []
 
-    class Planned:
-        target_layers = LAYERS
+    def record(rows, done, proposal) -> None:
+        logits = torch.stack(logits_seen, dim=1)  # [B, K, V_d] of this proposal
+        logits_seen.clear()
+        for row, index in enumerate(rows):
+            records.append((index, done[index], proposal.tokens[row], logits[row]))
 
-        def begin(self, input_ids, attention_mask, target_hidden) -> None:
-            session.begin(input_ids, attention_mask, target_hidden)
-            self.rows, self.done, self.step = [0, 1, 2], [0, 0, 0], 0
-
-        def propose_chain(self, pending, k, sampling, generator) -> ChainProposal:
-            logits_seen.clear()
-            proposal = session.propose_chain(pending, k, sampling, generator)
-            logits, drafts = torch.stack(logits_seen, dim=1), proposal.tokens.clone()  # [B, K, V_d], [B, K]
-            for row, index in enumerate(self.rows):
-                records.append((index, self.done[index], proposal.tokens[row], logits[row]))
-                accept = (self.step + index) % (k + 1)
-                ahead = references[index][self.done[index] : self.done[index] + k]
-                ahead += [0] * (k - len(ahead))
-                drafts[row, :accept] = torch.tensor(ahead[:accept])
-                if accept < k:
-                    drafts[row, accept] = (ahead[accept] + 1) % 64  # rejected
-            self.step += 1
-            return ChainProposal(drafts, None)
-
-        def commit(self, block, kept, target_hidden) -> None:
-            for index, offsets in zip(self.rows, kept, strict=True):
-                self.done[index] += len(offsets)
-            session.commit(block, kept, target_hidden)
-
-        def select_rows(self, rows) -> None:
-            self.rows = [self.rows[r] for r in rows.tolist()]
-            session.select_rows(rows)
+    drafter = PlannedAcceptance(session, references, record)
 
     try:
         result = generate(
-            TARGET, prompts, drafter=Planned(), cfg=SpecConfig(k=k, max_new_tokens=new_tokens), eos_token_ids=set()
+            TARGET, prompts, drafter=drafter, cfg=SpecConfig(k=k, max_new_tokens=new_tokens), eos_token_ids=set()
         )
         assert result.new_tokens == references
         assert len({tuple(row) for row in result.accepted}) == 3  # the rows advanced differently

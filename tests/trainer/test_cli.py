@@ -243,7 +243,7 @@ def test_eval_compare_measures_each_row_at_its_own_k_against_one_baseline(
     monkeypatch.setitem(DRAFTERS, "eagle3", counted)
     rows = (
         f"[{{name: trained, drafter: {tiny_eagle3_dir}, k: 2}}, {{name: start, drafter: {tiny_eagle3_dir}, "
-        f"untrained: true, k: 3}}, {{name: trained-chain, drafter: {tiny_eagle3_dir}, mode: chain}}]"
+        f"untrained: true, k: 3, tree_width: 2}}, {{name: trained-chain, drafter: {tiny_eagle3_dir}, mode: chain}}]"
     )
     argv = ["recipe=tiny", f"run.dir={tmp_path}", "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.k=4"]
     assert cli.eval_main([*argv, f"eval.compare={rows}"]) == 0
@@ -251,12 +251,14 @@ def test_eval_compare_measures_each_row_at_its_own_k_against_one_baseline(
     report = json.loads((tmp_path / "eval.json").read_text())
     assert list(report) == ["trained", "start", "trained-chain"]
     assert [row["k"] for row in report.values()] == [2, 3, 4]  # a row without k takes eval.k
+    assert [row["tree_width"] for row in report.values()] == [1, 2, 1]  # and eval.tree_width
     assert [len(row["accept_rate_per_pos"]) for row in report.values()] == [2, 3, 4]
     assert len({row["ar_tokens_per_s"] for row in report.values()}) == 1  # one shared baseline
     assert all(row["greedy_matches_target"] == 1.0 for row in report.values())
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:5]] == ["trained", "start", "trained-chain"]
-    assert [line.split()[3] for line in lines[2:5]] == ["k=2,", "k=3,", "k=4,"]
+    assert [line.split()[3] for line in lines[2:5]] == ["k=2,", "k=3", "k=4,"]
+    assert lines[3].split()[4] == "tree_width=2,"  # printed for a tree only
     assert all(" ms/step" in line for line in lines[2:5])
 
 
@@ -265,13 +267,15 @@ def test_eval_compare_refuses_bad_rows_in_one_message_before_loading_anything(
 ) -> None:
     lm = tmp_path / "some-lm"  # not a saved drafter: read as a causal LM
     rows = (
-        f"[{{name: a, drafter: {tiny_eagle3_dir}}}, {{name: a, drafter: {tiny_eagle3_dir}, mode: parallel, k: 0}}, "
+        f"[{{name: a, drafter: {tiny_eagle3_dir}}}, "
+        f"{{name: a, drafter: {tiny_eagle3_dir}, mode: parallel, k: 0, tree_width: 0}}, "
         f"{{name: c, drafter: {lm}, untrained: true, mode: parallel}}]"
     )
     assert cli.eval_main(["recipe=tiny", f"run.dir={tmp_path}", f"eval.compare={rows}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("specdec-eval: eval.compare[1].name: 'a' is also the name of ")
     assert "eval.compare[1].k: 0; expected null (eval.k) or at least one draft token" in err
+    assert "eval.compare[1].tree_width: 0; expected null (eval.tree_width), 1 or more" in err
     assert (
         f"eval.compare[1].mode: 'parallel' is not a serving mode of the eagle3 drafter in {tiny_eagle3_dir}; "
         "choose null (its default session)"

@@ -80,8 +80,8 @@ def test_all_problems_are_reported_at_once() -> None:
     assert message.startswith("recipe=tiny: ")
     for expected in (
         "draft.k: unknown key; Eagle3DraftConfig has: name, vocab_size",
-        "objective.foo: not an objective; choose from expected_accept, kd, lk_alpha, lk_hybrid, pard, pard_cat, "
-        "ttt, ctc",
+        "objective.foo: not an objective; choose from ctc, expected_accept, kd, lk_alpha, lk_hybrid, pard, "
+        "pard_cat, ttt",
         "optim.lr: -1.0; expected a positive learning rate",
         "eval.k: 0; expected at least one draft token",
     ):
@@ -93,12 +93,12 @@ def test_all_problems_are_reported_at_once() -> None:
     [
         ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
         ("target.dtype=bf17", "target.dtype: Invalid value 'bf17', expected one of [float32, bfloat16, float16]"),
-        ("draft.name=medusa", "draft.name: 'medusa' is not a drafter; choose one of eagle3, pard, ctc"),
+        ("draft.name=medusa", "draft.name: 'medusa' is not a drafter; choose one of eagle3, ctc, pard"),
         ("draft.mask_token_id=???", None),  # eagle3 has no such key
         ("objective.ttt.weight=0", "objective.ttt.weight: 0.0; expected a positive weight"),
         (
             "~objective.ttt",
-            "objective: empty; give at least one of expected_accept, kd, lk_alpha, lk_hybrid, pard, pard_cat, ttt, ctc",
+            "objective: empty; give at least one of ctc, expected_accept, kd, lk_alpha, lk_hybrid, pard, pard_cat, ttt",
         ),
         ("target.path=???", "target.path: required, but the recipe does not set it"),
     ],

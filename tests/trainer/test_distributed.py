@@ -133,7 +133,7 @@ def test_a_strategy_lightning_cannot_run_here_is_refused_before_anything_loads(
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("recipe", [name for name in recipe_names() if "ctc" not in name])
+@pytest.mark.parametrize("recipe", recipe_names())
 def test_every_recipe_builds_each_strategy_with_the_target_frozen_out(recipe: str, tiny_target) -> None:
     cfg = compose_recipe(recipe, ["run.dir=unused"])
     assert cfg.trainer.strategy in STRATEGIES

@@ -103,9 +103,9 @@ def test_one_registry_idiom_refuses_a_second_module_and_names_the_choices() -> N
     from specdec.trainer.drafters import register_drafter
     from specdec.trainer.objectives import register_objective
 
-    assert set(DRAFTERS) == {"eagle3", "pard"}
+    assert set(DRAFTERS) == {"eagle3", "ctc", "pard"}
     with pytest.raises(
-        UnknownName, match=r"draft\.name: 'nope' is not a registered drafter; choose one of eagle3, pard"
+        UnknownName, match=r"draft\.name: 'nope' is not a registered drafter; choose one of ctc, eagle3, pard"
     ):
         drafter_kind("nope")
     with pytest.raises(

@@ -106,13 +106,14 @@ CASES = {
 }
 
 
-# PARD's objectives take the data's next tokens (labels), not only a teacher on the grid:
-# tests/trainer/test_pard.py checks them against their slow loops.
-TESTED_WITH_PARD = {"pard", "pard_cat"}
+# Objectives over other inputs than a teacher on the grid, checked against their slow references
+# beside their drafters: PARD's take the data's next tokens (tests/trainer/test_pard.py), CTC takes
+# windows of frames and labels (tests/trainer/test_ctc.py, a brute-force sum over alignments).
+TESTED_ELSEWHERE = {"pard", "pard_cat", "ctc"}
 
 
 def test_every_registered_objective_has_a_config_and_a_test() -> None:
-    assert set(OBJECTIVES) == set(CASES) | TESTED_WITH_PARD
+    assert set(OBJECTIVES) == set(CASES) | TESTED_ELSEWHERE
     assert all(isinstance(CASES[name][0], OBJECTIVES[name].config) for name in CASES)
     assert all(OBJECTIVES[name].inputs == ("draft_logits", "target_probs", "loss_mask") for name in CASES)
 

@@ -35,9 +35,12 @@ class DrafterKind:
     build: Callable[[object, Target, Iterable[Batch], int], nn.Module]
     # (trained drafter, target model, seed) -> its untrained start in the target's dtype, eval mode
     untrained_like: Callable[[nn.Module, PreTrainedModel, int], nn.Module]
-    # (drafter, batch, target_hidden [B, T, L, H] of the cached layers, lm_head [V, H], draft cfg)
-    #   -> the keyword tensors of the objectives (and of `diagnostics`)
-    training_inputs: Callable[[nn.Module, Batch, torch.Tensor, torch.Tensor, object], dict[str, torch.Tensor]]
+    # (drafter, batch, target_hidden [B, T, L, H] of the cached layers, lm_head [V, H], draft cfg, the inputs
+    #   the recipe's objectives take) -> the keyword tensors of the objectives (and of `diagnostics`); inputs
+    #   that cost extra (EAGLE-3's CTC frames) are computed only when an objective takes them
+    training_inputs: Callable[
+        [nn.Module, Batch, torch.Tensor, torch.Tensor, object, frozenset[str]], dict[str, torch.Tensor]
+    ]
     inputs: frozenset[str]  # the keys training_inputs returns: what this kind's objectives may take
     # the inputs computed from the target's final normed state (the teacher): when a recipe's objectives
     # take one, that state (layer N) is cached after the drafter's own layers and target_hidden ends with it
@@ -61,6 +64,8 @@ class DrafterKind:
     modes: Mapping[str, Callable[[nn.Module, tuple[int, ...]], Drafter]] = field(default_factory=dict)
     # the directories it is exported as for the engines, by export.format
     exports: Mapping[str, "Exporter"] = field(default_factory=dict)
+    # (draft cfg, the recipe's objectives: name -> config) -> problems with the pair, for the recipe check
+    check: Callable[[object, Mapping[str, object]], list[str]] = lambda draft_cfg, objectives: []
 
 
 @dataclass(frozen=True)
@@ -123,13 +128,14 @@ def saved_kind(directory: str | Path) -> DrafterKind | None:
     return next((kind for kind in DRAFTERS.values() if kind.is_saved(Path(directory))), None)
 
 
-from specdec.trainer.drafters import eagle3, pard  # noqa: E402 (they register here)
+from specdec.trainer.drafters import ctc, eagle3, pard  # noqa: E402 (they register here)
 
 __all__ = [
     "DRAFTERS",
     "DrafterKind",
     "ExportTarget",
     "Exporter",
+    "ctc",
     "drafter_kind",
     "drafter_name",
     "eagle3",

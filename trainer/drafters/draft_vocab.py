@@ -23,11 +23,15 @@ def count_loss_tokens(samples: Iterable[dict[str, torch.Tensor]], vocab_size: in
     return counts
 
 
-def draft_vocab(counts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d2t [size] int64, t2d [V] bool) from per-token counts [V]."""
+def draft_vocab(counts: torch.Tensor, size: int, reserved: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d2t [size] int64, t2d [V] bool) from per-token counts [V]; `reserved` (a CTC blank, which
+    never occurs in the data) is always one of the `size` tokens."""
     vocab_size = len(counts)
     if not 0 < size <= vocab_size:
         raise ValueError(f"draft.vocab_size={size}: expected between 1 and the target's {vocab_size} tokens")
+    if reserved is not None:
+        counts = counts.clone()
+        counts[reserved] = counts.max() + 1
     # stable sort by count, descending: equal counts keep ascending ids
     order = torch.sort(-counts, stable=True).indices
     used = torch.sort(order[:size]).values

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
+from specdec.eval.drafters import DrafterLoadError
 from specdec.eval.drafters.eagle3 import Eagle3Drafter, Eagle3Model, shared_keys
 from specdec.eval.drafters.eagle3_dirs import (
     default_target_layers,
@@ -51,6 +53,9 @@ class Eagle3DraftConfig:
     name: str = "eagle3"
     vocab_size: int = 32000  # draft vocabulary: the most frequent target tokens (EAGLE-3 reference code)
     unroll_steps: int = 7  # draft steps unrolled in training, the training-time test's length (reference code)
+    # with objective.ctc: a target token id that answers never contain, kept in the draft vocabulary as
+    # CTC's blank (the released CTC-drafter code reuses Llama's <unk>, id 0)
+    ctc_blank_id: int | None = None
 
     def target_layers(self, num_layers: int) -> list[int]:
         """Entering layers 2, N//2 and N-3 (EAGLE-3 reference code); the teacher's final normed state
@@ -67,9 +72,24 @@ def new_eagle3(target: PreTrainedModel, d2t: torch.Tensor, t2d: torch.Tensor, *,
     return draft  # float32 (the default dtype); the shared embedding stays in the target's dtype
 
 
+def check_blank(counts: torch.Tensor, blank_id: int | None, key: str) -> None:
+    """A CTC blank must be a token of the target that the training answers never contain."""
+    if blank_id is None:
+        return
+    if not 0 <= blank_id < len(counts):
+        raise DrafterLoadError(f"{key}={blank_id}: not a token of the target (ids 0..{len(counts) - 1}).")
+    if counts[blank_id] > 0:
+        raise DrafterLoadError(
+            f"{key}={blank_id} occurs {int(counts[blank_id])} times among the answer tokens of the training data: "
+            "CTC's blank must be a token the answers never contain (an unused special token, such as Llama's <unk> "
+            "or SmolLM2's <|endoftext|>, id 0)."
+        )
+
+
 def build(cfg: Eagle3DraftConfig, target, token_samples, seed: int) -> Eagle3Model:
     counts = count_loss_tokens(token_samples, target.model.config.vocab_size)
-    d2t, t2d = draft_vocab(counts, cfg.vocab_size)
+    check_blank(counts, cfg.ctc_blank_id, "draft.ctc_blank_id")
+    d2t, t2d = draft_vocab(counts, cfg.vocab_size, reserved=cfg.ctc_blank_id)
     share = counts[t2d].sum().item() / max(counts.sum().item(), 1)
     L.pytorch.utilities.rank_zero_info(
         f"draft vocabulary: {len(d2t)} tokens cover {100 * share:.1f}% of the loss tokens"
@@ -114,6 +134,27 @@ def per_step(x: torch.Tensor, steps: int, first: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def teacher_rows(
+    draft: nn.Module, final: torch.Tensor, loss_mask: torch.Tensor, lm_head: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At each position [B, T] whose next token is an assistant token (0 elsewhere): the target's
+    distribution renormalised on the draft vocabulary [B, T, V_d] (float32), whether its argmax is a
+    draft token, and the draft id of its most likely draft token. `draft` holds d2t and t2d."""
+    batch, time = loss_mask.shape
+    teaches = shift_left(loss_mask, 1)  # [B, T]: the logits at t predict an assistant token
+    logits = final[teaches].to(lm_head.dtype) @ lm_head.T  # [M, V]
+    draft_ids = torch.arange(len(draft.d2t), device=logits.device) + draft.d2t
+    rows = torch.softmax(logits[:, draft_ids].float(), dim=-1)  # [M, V_d]
+    probs = rows.new_zeros(batch, time, rows.shape[-1])
+    probs[teaches] = rows
+    in_draft = torch.zeros_like(teaches)
+    in_draft[teaches] = draft.t2d[logits.argmax(dim=-1)]
+    argmax = torch.zeros_like(loss_mask, dtype=torch.long)
+    argmax[teaches] = rows.argmax(dim=-1)
+    return probs, in_draft, argmax
+
+
+@torch.no_grad()
 def teacher(
     draft: Eagle3Model, final: torch.Tensor, loss_mask: torch.Tensor, lm_head: torch.Tensor, steps: int
 ) -> dict[str, torch.Tensor]:
@@ -128,17 +169,7 @@ def teacher(
     teach nothing. At an answer place outside loss_mask the target's argmax is not a draft token, a
     certain rejection at serving time (answer_mask is for the serving-faithful diagnostics).
     """
-    batch, time = loss_mask.shape
-    teaches = shift_left(loss_mask, 1)  # [B, T]: the logits at t predict an assistant token
-    logits = final[teaches].to(lm_head.dtype) @ lm_head.T  # [M, V]
-    draft_ids = torch.arange(len(draft.d2t), device=logits.device) + draft.d2t
-    rows = torch.softmax(logits[:, draft_ids].float(), dim=-1)  # [M, V_d]
-    probs = rows.new_zeros(batch, time, rows.shape[-1])
-    probs[teaches] = rows
-    in_draft = torch.zeros_like(teaches)
-    in_draft[teaches] = draft.t2d[logits.argmax(dim=-1)]
-    argmax = torch.zeros_like(loss_mask, dtype=torch.long)
-    argmax[teaches] = rows.argmax(dim=-1)
+    probs, in_draft, argmax = teacher_rows(draft, final, loss_mask, lm_head)
     answer = per_step(loss_mask, steps, 2)  # the token step k predicts at t is t+k+2
     counted = answer & per_step(in_draft, steps, 1)
     return {
@@ -149,15 +180,29 @@ def teacher(
     }
 
 
+def ctc_windows(loss_mask: torch.Tensor, target_argmax: torch.Tensor, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The CTC labels of the windows that start at the W places where windows [B, T] is True: the
+    target's argmax after each of them on the grid of loss_mask [B, K, T] (target_argmax [N] at its
+    N places), as ctc_labels [W, K] and ctc_label_mask [W, K], in (b, t) order."""
+    grid = scatter_rows(target_argmax, loss_mask)  # [B, K, T]
+    return {
+        "ctc_labels": grid.transpose(1, 2)[windows],
+        "ctc_label_mask": loss_mask.transpose(1, 2)[windows],
+    }
+
+
 def training_inputs(
     draft: Eagle3Model,
     batch: dict[str, torch.Tensor],
     target_hidden: torch.Tensor,  # [B, T, 4, H]: the drafter's three layers, then the final normed state
     lm_head: torch.Tensor,  # [V, H] the target's output embedding
     cfg: Eagle3DraftConfig,
+    wanted: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """draft_logits [N, V_d] of the training-time test where the loss counts, and the teacher there
-    (see `teacher`): the drafter's norm and LM head run on those N places only."""
+    (see `teacher`): the drafter's norm and LM head run on those N places only. For objective.ctc,
+    the K unrolled steps at each position t where step 0 counts are a window of K frames, labelled
+    with the target's argmax after t (`ctc_windows`)."""
     targets = teacher(draft, target_hidden[:, :, -1], batch["loss_mask"], lm_head, cfg.unroll_steps)
     outputs = draft.unroll_outputs(
         target_hidden=target_hidden[:, :, :-1].to(draft.fc.weight.dtype),
@@ -165,7 +210,30 @@ def training_inputs(
         attention_mask=batch["attention_mask"],
         steps=cfg.unroll_steps,
     )
-    return {"draft_logits": draft.logits(outputs[targets["loss_mask"]]), **targets}
+    inputs = {"draft_logits": draft.logits(outputs[targets["loss_mask"]]), **targets}
+    if "frame_logits" in wanted:
+        windows = targets["loss_mask"][:, 0]
+        inputs |= ctc_windows(targets["loss_mask"], targets["target_argmax"], windows)
+        inputs["frame_logits"] = draft.logits(outputs.transpose(1, 2)[windows])  # [W, K, V_d]
+        inputs["ctc_blank"] = draft.t2d.cumsum(0)[cfg.ctc_blank_id] - 1  # its draft id
+    return inputs
+
+
+def check(cfg: Eagle3DraftConfig, objectives: dict) -> list[str]:
+    if "ctc" not in objectives:
+        return []
+    problems = []
+    if cfg.ctc_blank_id is None:
+        problems.append(
+            "objective.ctc with draft.name=eagle3 needs draft.ctc_blank_id: a target token id that answers never "
+            "contain, kept in the draft vocabulary as CTC's blank (e.g. 0, SmolLM2's <|endoftext|> or Llama's <unk>)"
+        )
+    if objectives["ctc"].label_len > cfg.unroll_steps:
+        problems.append(
+            f"objective.ctc.label_len={objectives['ctc'].label_len}: more labels than the {cfg.unroll_steps} frames "
+            "of a window (draft.unroll_steps)"
+        )
+    return problems
 
 
 @torch.no_grad()
@@ -257,7 +325,8 @@ EXPORTS = {
 }
 
 
-INPUTS = frozenset({"draft_logits", "target_probs", "loss_mask", "target_argmax", "answer_mask"})
+CTC_INPUTS = frozenset({"frame_logits", "ctc_labels", "ctc_label_mask", "ctc_blank"})
+INPUTS = frozenset({"draft_logits", "target_probs", "loss_mask", "target_argmax", "answer_mask"}) | CTC_INPUTS
 EAGLE3 = register_drafter(
     "eagle3",
     DrafterKind(
@@ -278,5 +347,6 @@ EAGLE3 = register_drafter(
         is_saved=is_eagle3_dir,
         module=__name__,
         exports=EXPORTS,
+        check=check,
     ),
 )

@@ -218,6 +218,7 @@ def training_inputs(
     target_hidden: torch.Tensor | None,  # [B, T, 1, H] the final normed state when a teacher is needed
     lm_head: torch.Tensor,
     cfg: PardDraftConfig,
+    wanted: frozenset[str] = frozenset(),  # PARD's inputs cost nothing extra: all are computed
 ) -> dict[str, torch.Tensor]:
     input_ids, device = batch["input_ids"], batch["input_ids"].device
     rows, time = input_ids.shape

@@ -64,12 +64,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros_like(values)).sum() / count.clamp(min=1)
 
 
-from specdec.trainer.objectives import expected_accept, kd, lk, pard, pard_cat, ttt  # noqa: E402 (they register here)
+from specdec.trainer.objectives import ctc, expected_accept, kd, lk, pard, pard_cat, ttt  # noqa: E402 (they register here)
 
 __all__ = [
     "OBJECTIVES",
     "Objective",
     "ObjectiveOutput",
+    "ctc",
     "expected_accept",
     "kd",
     "lk",
