@@ -11,8 +11,9 @@ is the blank. A path through the frames, collapsed (repeats merged, then blanks 
     frame j = softmax(lm_head(norm(o_{t,j})))                   over V_d ids, blank included; target id = id + d2t
 
 The context entries only give keys and values (no output of theirs is read), so a step costs the
-projection of the entries accepted last step and one pass of T slots through one layer: a chain of
-up to T drafts for about the price of one EAGLE step. Slot j sits at RoPE position t + j.
+projection of the entries accepted last step and one pass of T slots through one layer: up to T
+drafts from one forward, where EAGLE drafts token by token (3.7 ms a step for SmolLM2's 6 frames on
+the CPU default against 8.2 for EAGLE-3's chain of 4; README, "CTC"). Slot j sits at RoPE position t + j.
 
 Inference: the chain is the argmax path, collapsed; a tree (`eval.tree_width` W > 1) is the W best
 paths of a beam search over the frames (score = sum of the frames' log-probabilities), each
