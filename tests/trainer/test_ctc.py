@@ -198,6 +198,9 @@ def test_eagle3s_ctc_windows_are_its_unrolled_steps_labelled_with_the_targets_ar
     loss_mask = inputs["loss_mask"]
     windows = loss_mask[:, 0]
     torch.testing.assert_close(inputs["frame_logits"], unrolled.transpose(1, 2)[windows])
+    # one head pass serves both: ttt's places are the plain path's, in its order
+    torch.testing.assert_close(inputs["draft_logits"], plain["draft_logits"])
+    torch.testing.assert_close(inputs["draft_logits"], unrolled[loss_mask])
     grid = torch.zeros_like(loss_mask, dtype=torch.long)
     grid[loss_mask] = inputs["target_argmax"]
     assert inputs["ctc_labels"].equal(grid.transpose(1, 2)[windows])
