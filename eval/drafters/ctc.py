@@ -36,9 +36,10 @@ from torch import nn
 from transformers import LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal, DrafterLoadError
-from specdec.eval.drafters.eagle3 import Eagle3Attention, Eagle3Drafter
-from specdec.eval.drafters.eagle3_dirs import LAYER_FIELDS, _layer_config
+from specdec.eval.drafters.eagle3 import Eagle3Attention, Eagle3Drafter, shared_keys
+from specdec.eval.drafters.eagle3_dirs import LAYER_FIELDS, _layer_config, load_own_state
 from specdec.eval.tree import DraftTree
 from specdec.eval.verify import Sampling
 
@@ -142,10 +143,6 @@ class CtcModel(nn.Module):
         return self.frame_logits(base, where, keys, values, visible)[real]
 
 
-def shared_keys(model: CtcModel) -> set[str]:
-    return {f"embed_tokens.{name}" for name in dict(model.embed_tokens.named_parameters())}
-
-
 # ---- candidate paths ----
 
 
@@ -207,8 +204,7 @@ class CtcDrafter(Eagle3Drafter):
             return None
         tokens = torch.cat([self.queue_tokens, pending[:, None]], dim=1)  # the successor of each queued entry
         entries = self.model.entries(self.queue_hidden[:, :, -1], tokens)
-        past = self.mask.sum(dim=1, keepdim=True)
-        positions = past + (self.queue_mask.cumsum(dim=1) - 1).clamp(min=0)
+        positions = self.mask.sum(dim=1, keepdim=True) + kv.prefill_positions(self.queue_mask)
         keys, values = self.model.keys_values(entries, positions)
         self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
         self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
@@ -311,16 +307,7 @@ def load_ctc(directory: str | Path, target: nn.Module, target_layers=None) -> tu
         blank=0,  # from the tensors
         embed_tokens=target.get_input_embeddings(),
     )
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as error:
-        missing, unexpected = [str(error).splitlines()[-1].strip()], []
-    missing = [key for key in missing if key not in shared_keys(model)]
-    if missing or unexpected:
-        raise DrafterLoadError(
-            f"{directory}: not a CTC drafter for this target (missing or misfit {missing[:4]}, unexpected "
-            f"{unexpected[:4]}). Give a drafter trained for the same target.path."
-        )
+    load_own_state(model, tensors, f"{directory}: not a CTC drafter for this target")
     layers = tuple(config.get("specdec_target_layers") or [target.config.num_hidden_layers])
     if target_layers is not None and tuple(target_layers) != layers:
         log.warning(

@@ -157,8 +157,8 @@ class Eagle3Model(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
-def shared_keys(model: Eagle3Model) -> set[str]:
-    """Keys of the target's tensors that the drafter borrows: not saved, not loaded."""
+def shared_keys(model: nn.Module) -> set[str]:
+    """Keys of the target's tensors that a drafter borrows (its `embed_tokens`): not saved, not loaded."""
     return {f"embed_tokens.{name}" for name in dict(model.embed_tokens.named_parameters())}
 
 

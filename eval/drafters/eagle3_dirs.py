@@ -193,6 +193,21 @@ def _embedding(checkpoint: Eagle3Checkpoint, target: nn.Module, directory: Path)
     return nn.Embedding.from_pretrained(own.to(shared.weight.dtype), freeze=True)
 
 
+def load_own_state(draft: nn.Module, state: dict[str, torch.Tensor], refusal: str) -> None:
+    """Load a drafter's own tensors (all but those it borrows from the target, `shared_keys`); one
+    missing, misfit or unexpected raises DrafterLoadError, `refusal` followed by what did not fit."""
+    try:
+        missing, unexpected = draft.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that do not fit this target
+        missing, unexpected = [str(error).splitlines()[-1].strip()], []
+    missing = [key for key in missing if key not in shared_keys(draft)]
+    if missing or unexpected:
+        raise DrafterLoadError(
+            f"{refusal} (missing or misfit {missing[:4]}, unexpected {unexpected[:4]}). Give a drafter trained "
+            "for the same target.path."
+        )
+
+
 def load_eagle3(directory: str | Path, target: nn.Module, target_layers=None) -> tuple[Eagle3Model, tuple[int, ...]]:
     """The drafter of an EAGLE-3 directory of any dialect, in the target's dtype, and the HF ids of
     the target layers it reads: those the directory records, else `target_layers`, else the
@@ -222,16 +237,7 @@ def load_eagle3(directory: str | Path, target: nn.Module, target_layers=None) ->
     if "d2t" not in state and checkpoint.draft_vocab_size == target_config.vocab_size:  # a full-vocabulary head
         state["d2t"] = torch.zeros(checkpoint.draft_vocab_size, dtype=torch.long)
         state["t2d"] = torch.ones(target_config.vocab_size, dtype=torch.bool)
-    try:
-        missing, unexpected = draft.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shapes that do not fit this target
-        missing, unexpected = [str(error).splitlines()[-1].strip()], []
-    missing = [key for key in missing if key not in shared_keys(draft)]
-    if missing or unexpected:
-        raise DrafterLoadError(
-            f"{directory}: not an EAGLE-3 drafter for this target (missing or misfit {missing[:4]}, unexpected "
-            f"{unexpected[:4]}). Give a drafter trained for the same target.path."
-        )
+    load_own_state(draft, state, f"{directory}: not an EAGLE-3 drafter for this target")
     layers = checkpoint.target_layers
     if layers is None and target_layers is not None:
         layers = tuple(target_layers)

@@ -16,8 +16,8 @@ from specdec.trainer import cli
 from specdec.trainer.config import RecipeError, compose_recipe
 from specdec.trainer.drafters import drafter_kind
 from specdec.trainer.drafters.ctc import CtcDraftConfig, new_ctc
-from specdec.trainer.drafters.draft_vocab import draft_vocab
-from specdec.trainer.drafters.eagle3 import Eagle3DraftConfig, check_blank, new_eagle3, shift_left
+from specdec.trainer.drafters.draft_vocab import check_blank, draft_vocab
+from specdec.trainer.drafters.eagle3 import Eagle3DraftConfig, new_eagle3, shift_left
 from specdec.trainer.objectives.ctc import CtcConfig, ctc_loss
 from tests.conftest import make_tiny_llama
 

@@ -15,7 +15,6 @@ later frame has no fixed token to match (which frame emits what is CTC's alignme
 frame 0 only.
 """
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +22,11 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel
 
-from specdec.eval.drafters.ctc import CtcDrafter, CtcModel, collapse, is_ctc_dir, load_ctc, save_ctc, shared_keys
+from specdec.eval.drafters.ctc import CtcDrafter, CtcModel, collapse, is_ctc_dir, load_ctc, save_ctc
+from specdec.eval.drafters.eagle3 import shared_keys
 from specdec.trainer.drafters import DrafterKind, register_drafter
-from specdec.trainer.drafters.draft_vocab import count_loss_tokens, draft_vocab
-from specdec.trainer.drafters.eagle3 import check_blank, diagnostics, per_step, shift_left, teacher_rows
+from specdec.trainer.drafters.draft_vocab import check_blank, count_loss_tokens, draft_vocab
+from specdec.trainer.drafters.eagle3 import diagnostics, per_step, serving_copy, shift_left, teacher_rows
 
 
 @dataclass
@@ -69,15 +69,6 @@ def untrained_like(draft: CtcModel, target: PreTrainedModel, seed: int) -> CtcMo
     blank_id = int(draft.blank + draft.d2t[draft.blank])
     fresh = new_ctc(target, draft.d2t, draft.t2d, frames=draft.frames, blank_id=blank_id, seed=seed)
     return fresh.to(target.dtype).eval()
-
-
-def serving_copy(draft: CtcModel, dtype: torch.dtype) -> CtcModel:
-    served = copy.deepcopy(draft, memo={id(draft.embed_tokens): draft.embed_tokens})
-    for name, child in served.named_children():
-        if name != "embed_tokens":
-            child.to(dtype)
-    served.slots.data = served.slots.data.to(dtype)
-    return served.eval()
 
 
 def training_inputs(

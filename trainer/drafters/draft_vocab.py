@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
+from specdec.eval.drafters import DrafterLoadError
+
 
 def count_loss_tokens(samples: Iterable[dict[str, torch.Tensor]], vocab_size: int) -> torch.Tensor:
     """Occurrences [V] of each token id where the loss mask is True; samples hold input_ids and loss_mask."""
@@ -39,3 +41,17 @@ def draft_vocab(counts: torch.Tensor, size: int, reserved: int | None = None) ->
     t2d = torch.zeros(vocab_size, dtype=torch.bool)
     t2d[used] = True
     return d2t, t2d
+
+
+def check_blank(counts: torch.Tensor, blank_id: int | None, key: str) -> None:
+    """A CTC blank must be a token of the target that the training answers never contain."""
+    if blank_id is None:
+        return
+    if not 0 <= blank_id < len(counts):
+        raise DrafterLoadError(f"{key}={blank_id}: not a token of the target (ids 0..{len(counts) - 1}).")
+    if counts[blank_id] > 0:
+        raise DrafterLoadError(
+            f"{key}={blank_id} occurs {int(counts[blank_id])} times among the answer tokens of the training data: "
+            "CTC's blank must be a token the answers never contain (an unused special token, such as Llama's <unk> "
+            "or SmolLM2's <|endoftext|>, id 0)."
+        )

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from specdec.eval.drafters import DrafterLoadError
 from specdec.eval.drafters.eagle3 import Eagle3Drafter, Eagle3Model, shared_keys
 from specdec.eval.drafters.eagle3_dirs import (
     default_target_layers,
@@ -41,7 +40,7 @@ from specdec.eval.drafters.eagle3_dirs import (
     write_speculators,
 )
 from specdec.trainer.drafters import DrafterKind, Exporter, ExportTarget, register_drafter
-from specdec.trainer.drafters.draft_vocab import count_loss_tokens, draft_vocab
+from specdec.trainer.drafters.draft_vocab import check_blank, count_loss_tokens, draft_vocab
 from specdec.trainer.objectives import masked_mean, scatter_rows
 from specdec.trainer.objectives.expected_accept import expected_accepted
 
@@ -72,20 +71,6 @@ def new_eagle3(target: PreTrainedModel, d2t: torch.Tensor, t2d: torch.Tensor, *,
     return draft  # float32 (the default dtype); the shared embedding stays in the target's dtype
 
 
-def check_blank(counts: torch.Tensor, blank_id: int | None, key: str) -> None:
-    """A CTC blank must be a token of the target that the training answers never contain."""
-    if blank_id is None:
-        return
-    if not 0 <= blank_id < len(counts):
-        raise DrafterLoadError(f"{key}={blank_id}: not a token of the target (ids 0..{len(counts) - 1}).")
-    if counts[blank_id] > 0:
-        raise DrafterLoadError(
-            f"{key}={blank_id} occurs {int(counts[blank_id])} times among the answer tokens of the training data: "
-            "CTC's blank must be a token the answers never contain (an unused special token, such as Llama's <unk> "
-            "or SmolLM2's <|endoftext|>, id 0)."
-        )
-
-
 def build(cfg: Eagle3DraftConfig, target, token_samples, seed: int) -> Eagle3Model:
     counts = count_loss_tokens(token_samples, target.model.config.vocab_size)
     check_blank(counts, cfg.ctc_blank_id, "draft.ctc_blank_id")
@@ -102,13 +87,16 @@ def untrained_like(draft: Eagle3Model, target: PreTrainedModel, seed: int) -> Ea
     return new_eagle3(target, draft.d2t, draft.t2d, seed=seed).to(target.dtype).eval()
 
 
-def serving_copy(draft: Eagle3Model, dtype: torch.dtype) -> Eagle3Model:
+def serving_copy(draft: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The drafter as it is served (in `dtype`, eval mode), sharing the target's embedding, which
-    stays as it is; consumes no randomness, so the training run stays reproducible."""
+    stays as it is; consumes no randomness, so the training run stays reproducible. Any drafter that
+    borrows the target's `embed_tokens` (EAGLE-3, CTC's slots being parameters of its own)."""
     served = copy.deepcopy(draft, memo={id(draft.embed_tokens): draft.embed_tokens})
     for child in served.children():
         if child is not draft.embed_tokens:
             child.to(dtype)
+    for parameter in served.parameters(recurse=False):
+        parameter.data = parameter.data.to(dtype)
     return served.eval()
 
 
