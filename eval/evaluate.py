@@ -12,7 +12,7 @@ so it compares with a one-process run of the same prompts."""
 
 import json
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,6 +57,13 @@ class EvalReport:
     drafter: str | None = None
     untrained: bool = False
     mode: str | None = None
+    # the window: fixed (k tokens every step) or policy (the learned stop policy drafts up to k), and
+    # what the run measured: how many steps drafted n = 0, 1, ... tokens, and the cost of a step by n
+    # (the cost model of the window policy, measured in this run; empty when rows were batched)
+    window: str = "fixed"
+    drafted_histogram: list[int] = field(default_factory=list)
+    verify_ms_by_drafted: dict[int, float] = field(default_factory=dict)
+    draft_ms_by_drafted: dict[int, float] = field(default_factory=dict)
 
 
 def write_reports(reports: dict[str, EvalReport], path: Path, title: str) -> None:
@@ -131,6 +138,14 @@ def _report(spec: Generation, baseline: Generation, cfg: SpecConfig, device: str
     ar_tokens_per_s = baseline.num_new_tokens / baseline.seconds
     drafted = [n for row in spec.drafted for n in row]
     draft_ms, verify_ms = 1000 * sum(spec.draft_time_s), 1000 * sum(spec.verify_time_s)
+    histogram = [drafted.count(n) for n in range(max(drafted, default=0) + 1)]
+    by_drafted = {}, {}
+    if len(drafted) == len(spec.verify_time_s):  # one row per step (batch_size 1): each step's own n
+        for times, out in zip((spec.verify_time_s, spec.draft_time_s), by_drafted, strict=True):
+            for n in range(len(histogram)):
+                seconds = [time_s for time_s, count in zip(times, drafted, strict=True) if count == n]
+                if seconds:
+                    out[n] = 1000 * sum(seconds) / len(seconds)
     return EvalReport(
         tau=stats.tau,
         accept_rate=stats.accept_rate,
@@ -155,6 +170,9 @@ def _report(spec: Generation, baseline: Generation, cfg: SpecConfig, device: str
         target_dtype=dtype,
         bench=bench,
         date=datetime.now(timezone.utc).date().isoformat(),
+        drafted_histogram=histogram,
+        verify_ms_by_drafted=by_drafted[0],
+        draft_ms_by_drafted=by_drafted[1],
     )
 
 

@@ -96,7 +96,7 @@ def verify_chain_sampled(
     rows = torch.arange(batch, device=draft_tokens.device)
     final = target_probs[rows, accepted]  # [B, V]
     rejected = accepted < within.sum(dim=1)
-    padded_q = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)
+    padded_q = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, draft_probs.shape[-1])], dim=1)  # K may be 0
     final = torch.where(rejected[:, None], residual(final, padded_q[rows, accepted]), final)
     next_tokens = torch.multinomial(final, 1, generator=generator).squeeze(1)
     return ChainVerdict(accepted, next_tokens)

@@ -7,6 +7,7 @@ one message, never a traceback.
 """
 
 import logging
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +27,11 @@ from specdec.data_prep import (
 )
 from specdec.eval import CausalLMDrafter
 from specdec.eval.drafters import Drafter, DrafterLoadError
+from specdec.eval.drafters.eagle3 import Eagle3Drafter
+from specdec.eval.drafters.hybrid import HybridDrafter
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
 from specdec.eval.prompts import PromptError, load_prompts
+from specdec.eval.window import LearnedWindow, has_window_head, load_window_head
 from specdec.trainer.config import (
     CompareConfig,
     RecipeError,
@@ -45,7 +49,7 @@ from specdec.trainer.module import TrainingDiverged
 from specdec.trainer.registry import UnknownName
 from specdec.trainer.requeue import JobRequeued
 from specdec.trainer.strategies import launched_process_group
-from specdec.trainer.train import eos_token_ids, spec_config, target_layers, train
+from specdec.trainer.train import NGRAM_K, eos_token_ids, ngram_drafter, spec_config, target_layers, train
 
 log = logging.getLogger("specdec")
 
@@ -60,8 +64,9 @@ GROUPS = {
     "trainer": "arguments of lightning.Trainer (devices, num_nodes, precision, max_steps, ...); strategy: auto, "
     "ddp, fsdp, deepspeed_stage_1/2/3 (and _2_offload, _3_offload)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
-    "eval": "tau by the verifier: drafter (or compare: rows of drafter, untrained, mode, k, tree_width), bench, "
-    "num_prompts, max_new_tokens, k, tree_width, temperature, target_layers, out",
+    "eval": "tau by the verifier: drafter (or compare: rows of drafter (or ngram), untrained, mode, k, tree_width, "
+    "window, window_threshold), bench, num_prompts, max_new_tokens, k, tree_width, window (fixed, policy), ngram, "
+    "extra_benches, temperature, target_layers, out",
     "export": "the exported drafter: format (sglang, speculators, hf), dir, drafter, base_model, reports, dtype, "
     "license; the push: push_to, private, revision, overwrite, dry_run",
     "run": "dir (everything of a run goes there), seed, checkpoint_every_n_steps, log_version (TensorBoard run)",
@@ -146,11 +151,22 @@ def _print_reports(reports: dict[str, EvalReport], bench: str) -> None:
         print(
             f"  {name:<{width}} tau {report.tau:.3f}  k={report.k}"
             + (f" tree_width={report.tree_width}" if report.tree_width > 1 else "")
+            + (f" {report.mode}" if report.mode else "")
+            + (f" learned window, {report.drafted_per_step:.2f} drafted/step" if report.window == "policy" else "")
             + ", accepted per position "
             + " ".join(f"{r:.2f}" for r in report.accept_rate_per_pos)
             + f"  {report.tokens_per_s:.1f} tokens/s, speedup {report.speedup:.2f}x, "
             + f"draft {report.draft_ms_per_step:.1f} ms/step{matches}"
         )
+
+
+def _print_costs(reports: dict[str, EvalReport]) -> None:
+    """The cost model the run measured: a verify step's time by the number of drafts it checked."""
+    for name, report in reports.items():
+        if report.window == "policy" and report.verify_ms_by_drafted:
+            counts = " ".join(f"{n}:{count}" for n, count in enumerate(report.drafted_histogram))
+            costs = " ".join(f"{n}:{ms:.1f}" for n, ms in report.verify_ms_by_drafted.items())
+            print(f"  {name}: steps by tokens drafted {counts}; verify ms by tokens drafted {costs}")
 
 
 def _train(cfg: SpecdecConfig) -> None:
@@ -166,7 +182,10 @@ def _train(cfg: SpecdecConfig) -> None:
         f"drafter {result.drafter_dir}"
     )
     if result.reports:
-        _print_reports(result.reports, cfg.eval.bench)
+        for bench in [cfg.eval.bench, *cfg.eval.extra_benches]:
+            rows = {name: report for name, report in result.reports.items() if report.bench == bench}
+            _print_reports(rows, bench)
+            _print_costs(rows)
         print(f"  report {cfg.eval.out}, plot {Path(cfg.eval.out).with_suffix('.png')}")
     if cfg.export.format is not None and result.reports:
         _export(cfg)
@@ -233,15 +252,38 @@ def _eval_rows(cfg: SpecdecConfig) -> list[tuple[str, CompareConfig]]:
             "(directory or Hub id) that shares the target's tokenizer, e.g. eval.drafter=runs/smollm2_eagle3/drafter "
             "(or rows to measure side by side in eval.compare)."
         )
+    lookup = CompareConfig(name="ngram", drafter=NGRAM, window="fixed", k=max(cfg.eval.k, NGRAM_K))
+    ngram = [("eval.ngram", lookup)] if cfg.eval.ngram else []
     if saved_kind(cfg.eval.drafter) is None:
-        return [("eval", CompareConfig(name="drafter", drafter=cfg.eval.drafter))]
+        return [("eval", CompareConfig(name="drafter", drafter=cfg.eval.drafter)), *ngram]
     return [
-        ("eval", CompareConfig(name=name, drafter=cfg.eval.drafter, untrained=name == "untrained"))
-        for name in ("trained", "untrained")
+        ("eval", CompareConfig(name="trained", drafter=cfg.eval.drafter)),
+        ("eval", CompareConfig(name="untrained", drafter=cfg.eval.drafter, untrained=True, window="fixed")),
+        *ngram,
     ]
 
 
-def _check_rows(rows: list[tuple[str, CompareConfig]]) -> None:
+NGRAM = "ngram"  # eval.compare[].drafter naming the n-gram lookup drafter (eval.ngram-grams)
+
+
+def _window_problems(key: str, row: CompareConfig, default: str) -> list[str]:
+    window = row.window or default
+    if window not in ("fixed", "policy"):
+        return [f"{key}.window: {window!r}; expected fixed or policy"]
+    if window == "fixed":
+        return [] if row.window_threshold is None else [f"{key}.window_threshold: set, but the window is fixed"]
+    if row.window_threshold is not None and not 0 < row.window_threshold <= 1:
+        return [f"{key}.window_threshold: {row.window_threshold}; expected a probability in (0, 1]"]
+    if row.drafter == NGRAM or not has_window_head(row.drafter) or (row.tree_width or 1) > 1 or row.mode:
+        return [
+            f"{key}.window: policy, but {row.drafter} has no window head (drafter/window/, saved by specdec-train "
+            "with objective.stop_head or window_rl) or the row is a tree or another mode; the learned window serves "
+            "chains of the drafter's default session"
+        ]
+    return []
+
+
+def _check_rows(rows: list[tuple[str, CompareConfig]], window: str = "fixed") -> None:
     """Refuse, in one message, every row that cannot be measured: a name used twice, k below 1, and
     what only the drafter's directory tells (its kind, so its serving modes and whether it has an
     untrained start). Runs before the target loads; the config check cannot look at directories."""
@@ -256,6 +298,16 @@ def _check_rows(rows: list[tuple[str, CompareConfig]]) -> None:
             problems.append(f"{key}.k: {row.k}; expected null (eval.k) or at least one draft token")
         if row.tree_width is not None and row.tree_width < 1:
             problems.append(f"{key}.tree_width: {row.tree_width}; expected null (eval.tree_width), 1 or more")
+        problems += _window_problems(key, row, window)
+        if row.ngram_first and (row.drafter == NGRAM or (row.tree_width or 1) > 1 or row.mode is not None):
+            problems.append(
+                f"{key}.ngram_first: the hybrid drafts chains with a trained drafter's default session beside the "
+                "n-gram lookup; drop it for this row"
+            )
+        if row.drafter == NGRAM:
+            if row.untrained or row.mode is not None:
+                problems.append(f"{key}: the n-gram lookup drafter has no untrained start and no modes; drop them")
+            continue
         kind = saved_kind(row.drafter)
         if kind is None:
             not_saved = f"{row.drafter} is not a drafter saved by specdec-train, so it is served as a causal LM"
@@ -304,6 +356,9 @@ def _row_drafters(cfg: SpecdecConfig, target: Target, rows: list[tuple[str, Comp
     models = {}  # (drafter, untrained) -> (model, its feature layers)
     drafters = {}
     for key, row in rows:
+        if row.drafter == NGRAM:
+            drafters[row.name] = ngram_drafter(cfg, target, eos_token_ids(target))
+            continue
         kind = saved_kind(row.drafter)
         if (row.drafter, False) not in models:
             models[row.drafter, False] = _drafter_model(cfg, target, row.drafter, key=f"{key}.drafter")
@@ -315,12 +370,35 @@ def _row_drafters(cfg: SpecdecConfig, target: Target, rows: list[tuple[str, Comp
             drafters[row.name] = CausalLMDrafter(model)
         else:
             drafters[row.name] = (kind.session if row.mode is None else kind.modes[row.mode])(model, layers)
+        if (row.window or cfg.eval.window) == "policy":
+            drafters[row.name] = _with_window(drafters[row.name], row, target)
+        if _ngram_first(row, cfg):
+            if not isinstance(drafters[row.name], Eagle3Drafter):  # the sessions that can sit out a step
+                raise RecipeError(f"{key}.ngram_first: {row.drafter} is not an EAGLE-3 or CTC drafter; drop it")
+            drafters[row.name] = HybridDrafter(ngram_drafter(cfg, target, eos_token_ids(target)), drafters[row.name])
     return drafters
+
+
+def _ngram_first(row: CompareConfig, cfg: SpecdecConfig) -> bool:
+    return (
+        row.drafter != NGRAM
+        and not row.untrained
+        and (row.ngram_first if row.ngram_first is not None else cfg.eval.ngram_first)
+    )
+
+
+def _with_window(session: Drafter, row: CompareConfig, target: Target) -> Drafter:
+    """The session drafting up to k tokens a step, as the window head saved beside the drafter decides."""
+    head = load_window_head(row.drafter).to(target.model.device)
+    if row.window_threshold is not None:
+        head.log_threshold.data.fill_(math.log(row.window_threshold))
+    session.window = LearnedWindow(head)
+    return session
 
 
 def _eval(cfg: SpecdecConfig) -> None:
     rows = _eval_rows(cfg)
-    _check_rows(rows)
+    _check_rows(rows, cfg.eval.window)
     target = load_target(cfg.target, seed=cfg.run.seed)
     prompts = load_prompts(
         cfg.eval.bench, target.tokenizer, num_prompts=cfg.eval.num_prompts, chat_template=cfg.data.chat_template
@@ -345,13 +423,20 @@ def _eval(cfg: SpecdecConfig) -> None:
     if rank > 0:
         return
     reports = {
-        row.name: replace(reports[row.name], drafter=row.drafter, untrained=row.untrained, mode=row.mode)
+        row.name: replace(
+            reports[row.name],
+            drafter=row.drafter,
+            untrained=row.untrained,
+            mode=row.mode or ("ngram_first" if _ngram_first(row, cfg) else None),
+            window=row.window or cfg.eval.window,
+        )
         for _, row in rows
     }
     out = Path(cfg.eval.out)
     ks = "/".join(str(k) for k in sorted({report.k for report in reports.values()}))
     write_reports(reports, out, title=f"{cfg.eval.bench}, k={ks}")
     _print_reports(reports, cfg.eval.bench)
+    _print_costs(reports)
     print(f"  report {out}, plot {out.with_suffix('.png')}")
 
 

@@ -92,6 +92,9 @@ class CompareConfig:
     mode: str | None = None  # a serving mode of the drafter's kind (its `modes`); None = its default session
     k: int | None = None  # draft tokens per verify step (a tree's depth); None = eval.k
     tree_width: int | None = None  # 1 = a chain, W > 1 = a tree; None = eval.tree_width
+    window: str | None = None  # fixed | policy (k is then the most it drafts); None = eval.window
+    window_threshold: float | None = None  # the policy's h instead of the one it was trained with
+    ngram_first: bool | None = None  # the hybrid: n-gram lookup where it finds a draft, this drafter elsewhere
 
 
 @dataclass
@@ -106,6 +109,17 @@ class EvalConfig:
     max_new_tokens: int = 128
     k: int = 4  # draft tokens per verify step (the depth of a tree)
     tree_width: int = 1  # 1 = chain drafts; W > 1 = trees of k levels of W nodes (EAGLE-style top-k)
+    # fixed: every chain has k tokens; policy: the drafter's learned stop policy (saved beside it by a
+    # run with objective.stop_head or window_rl) drafts up to k, per row and step
+    window: str = "fixed"
+    # the zero-training baseline measured beside the drafter in the training report and specdec-eval:
+    # prompt lookup (n-gram) drafting, as transformers' prompt_lookup_num_tokens; 0 = not measured
+    ngram: int = 2
+    # the hybrid: n-gram lookup drafts where it finds a draft, the drafter elsewhere (an EAGLE-3 chain,
+    # windowed or not); for the trained drafter of the training report and specdec-eval's rows
+    ngram_first: bool = False
+    # benches the training report also measures (the trained drafter beside the n-gram baseline)
+    extra_benches: list[str] = field(default_factory=list)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     batch_size: int = 1  # prompts decoded together
@@ -216,6 +230,13 @@ _RANGES = [
     ("optim.lr", lambda v: v > 0, "a positive learning rate"),
     ("draft.frames", lambda v: v > 0, "at least one query slot"),
     ("objective.ctc.label_len", lambda v: v > 0, "at least one label per window"),
+    ("objective.stop_head.labels", lambda v: v in ("soft", "greedy"), "soft (min(1, p/q)) or greedy"),
+    ("objective.stop_head.threshold", lambda v: 0 < v <= 1, "a probability in (0, 1]"),
+    ("objective.window_rl.group_size", lambda v: v >= 2, "at least 2 rollouts (advantages are relative)"),
+    ("objective.window_rl.temperature", lambda v: v > 0, "a positive temperature"),
+    ("objective.window_rl.sync_every", lambda v: v >= 1, "at least 1"),
+    ("objective.window_rl.clip", lambda v: v > 0, "a positive clip range"),
+    ("eval.window", lambda v: v in ("fixed", "policy"), "fixed (eval.k tokens) or policy (the learned window)"),
     ("optim.warmup_steps", lambda v: v >= 0, "zero or more steps"),
     ("eval.k", lambda v: v >= 1, "at least one draft token"),
     ("eval.num_prompts", lambda v: v >= 1, "at least one prompt"),

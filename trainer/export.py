@@ -135,9 +135,10 @@ def _card_table(rows: list[tuple[str, dict]]) -> str:
     ]
     for _, row in rows:
         per_position = " ".join(f"{rate:.2f}" for rate in row["accept_rate_per_pos"])
+        window = ", learned window (K at most)" if row.get("window") == "policy" else ""
         lines.append(
             f"| {row['bench']} | {row['num_prompts']} | {row['max_new_tokens']} | {row['k']} | {row['tree_width']} | "
-            f"{row['temperature']:g} | {row['mode'] or 'default'} | {row['tau']:.3f} | {per_position} | "
+            f"{row['temperature']:g} | {row['mode'] or 'default'}{window} | {row['tau']:.3f} | {per_position} | "
             f"{row['tokens_per_s']:.1f} ({row['speedup']:.2f}x) | {row['device']} | "
             f"{row['target_dtype'].removeprefix('torch.')} | {row['date']} |"
         )

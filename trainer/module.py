@@ -5,7 +5,10 @@ One training step:
     inputs        = the drafter kind's training_inputs(draft, batch, target_hidden, lm_head, the inputs wanted)
     loss          = sum over the recipe's objectives of weight * objective(**the inputs it declares)
 What `inputs` holds is the drafter kind's business (specdec.trainer.drafters), and the recipe check
-makes sure it holds every tensor the recipe's objectives take.
+makes sure it holds every tensor the recipe's objectives take. Objectives that train the window
+policy (stop_head, window_rl) take the acceptance logits of a WindowHead (specdec.eval.window) that
+the module owns and applies to the kind's window inputs; when every objective is one of those, the
+drafter is frozen and only the head trains.
 
 Logged: train/loss, train/<objective> (unweighted), train/<objective>/<metric>, the drafter's
 diagnostics (at Lightning's logging steps only: they cost a pass over the draft logits),
@@ -16,6 +19,7 @@ strategy shards it too. A loss or a gradient that is not finite stops the run be
 step, so neither the weights nor `last.ckpt` ever hold NaN or inf.
 """
 
+import copy
 import time
 
 import lightning as L
@@ -23,9 +27,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from specdec.eval.window import WindowHead
 from specdec.trainer.config import OptimConfig, Schedule
 from specdec.trainer.drafters import DrafterKind
-from specdec.trainer.objectives import OBJECTIVES
+from specdec.trainer.objectives import OBJECTIVES, WINDOW_INPUTS, WINDOW_POLICY_INPUTS
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,6 +51,7 @@ class DrafterModule(L.LightningModule):
         layers: list[int] | None = None,  # online mode: the target layers to read, as in the cache
         shard_target: bool = False,  # online: register the target as a submodule, for FSDP and ZeRO-3 to shard
         eval_k: int = 4,  # draft tokens per verify step at serving: the depth the diagnostics simulate
+        window: WindowHead | None = None,  # the window policy's head, for objectives that take its logits
     ) -> None:
         super().__init__()
         self.draft, self.kind, self.draft_cfg = (
@@ -63,6 +69,20 @@ class DrafterModule(L.LightningModule):
             self.shared_keys |= {f"sharded_target.{key}" for key in target.state_dict()}
             self.strict_loading = False  # DeepSpeed's checkpoints leave the frozen target out
         self._last_step_end: float | None = None
+        self.wanted = frozenset(key for name in objectives for key in OBJECTIVES[name].inputs)
+        self.window = window
+        if self.wanted & WINDOW_POLICY_INPUTS:
+            self.wanted |= WINDOW_INPUTS
+            if window is None:
+                raise ValueError("objectives that train a window policy need its head (window=WindowHead(...))")
+        if "window_logits_behaviour" in self.wanted:  # RL's behaviour policy: a frozen copy, refreshed
+            self.window_behaviour = copy.deepcopy(window).requires_grad_(False).train()  # checkpointed: resumes keep it
+        # a recipe whose objectives all train the window policy leaves the drafter as it is
+        self.frozen_draft = bool(self.wanted & WINDOW_POLICY_INPUTS) and all(
+            set(OBJECTIVES[name].inputs) & WINDOW_POLICY_INPUTS for name in objectives
+        )
+        if self.frozen_draft:
+            self.draft.requires_grad_(False)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # real tokens trained on, every rank's
 
     def on_fit_start(self) -> None:
@@ -91,10 +111,12 @@ class DrafterModule(L.LightningModule):
         self, batch: dict[str, torch.Tensor], *, diagnostics: bool = True
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted loss, metrics) of one batch: the same function for both modes and for tests."""
-        wanted = frozenset(key for name in self.objectives for key in OBJECTIVES[name].inputs)
-        inputs = self.kind.training_inputs(
-            self.draft, batch, self.target_hidden(batch), self.frozen["lm_head"], self.draft_cfg, wanted
-        )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_draft):
+            inputs = self.kind.training_inputs(
+                self.draft, batch, self.target_hidden(batch), self.frozen["lm_head"], self.draft_cfg, self.wanted
+            )
+        if self.window is not None:
+            inputs |= self.window_inputs(inputs)
         loss, metrics = None, {}
         for name, cfg in self.objectives.items():
             objective = OBJECTIVES[name]
@@ -105,6 +127,22 @@ class DrafterModule(L.LightningModule):
         if diagnostics:
             metrics.update(self.kind.diagnostics(inputs, self.eval_k))
         return loss, metrics
+
+    def window_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The window head's acceptance logits at the kind's window places, and its threshold; the
+        same from the behaviour copy when RL samples from one."""
+        features = (inputs["window_hidden"], inputs["window_stats"], inputs["window_step"])
+        computed = {"window_logits": self.window(*features), "window_log_threshold": self.window.log_threshold}
+        if hasattr(self, "window_behaviour"):
+            with torch.no_grad():
+                computed["window_logits_behaviour"] = self.window_behaviour(*features)
+                computed["window_log_threshold_behaviour"] = self.window_behaviour.log_threshold.detach()
+        return computed
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        rl = self.objectives.get("window_rl")
+        if hasattr(self, "window_behaviour") and rl is not None and self.global_step % rl.sync_every == 0:
+            self.window_behaviour.load_state_dict(self.window.state_dict())
 
     # ---- the loop ----
 

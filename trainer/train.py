@@ -12,11 +12,12 @@ measures the trained drafter and its untrained start against plain decoding, in 
     run.dir/eval.json, eval.png    the final report (eval.out)
 """
 
+import json
 import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -40,14 +41,27 @@ from specdec.data_prep import (
 from specdec.data_prep.cache import remove_dead_writers_files, temporary_path
 from specdec.data_prep.prep import distributed_rank
 from specdec.eval import Sampling, SpecConfig
+from specdec.eval.calibrate import calibrate_costs
+from specdec.eval.drafters.eagle3 import Eagle3Drafter
+from specdec.eval.drafters.hybrid import HybridDrafter
+from specdec.eval.drafters.ngram import NgramDrafter
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
 from specdec.eval.hook import SpecEvalCallback
 from specdec.eval.prompts import PromptError, load_prompts
+from specdec.eval.window import (
+    LearnedWindow,
+    WindowHead,
+    WindowHeadConfig,
+    has_window_head,
+    load_window_head,
+    save_window_head,
+)
 from specdec.trainer.config import RecipeError, SpecdecConfig
 from specdec.trainer.data import CachedSamples, DrafterData, TokenSamples, steps_per_epoch
 from specdec.trainer.drafters import DrafterKind, drafter_kind
 from specdec.trainer.module import DrafterModule
-from specdec.trainer.objectives import OBJECTIVES
+from specdec.trainer.objectives import OBJECTIVES, WINDOW_POLICY_INPUTS
+from specdec.trainer.objectives.window_rl import MeasuredCosts
 from specdec.trainer.requeue import JobRequeued, RequeueOnSignal
 from specdec.trainer.strategies import (
     GPU_ONLY,
@@ -172,6 +186,54 @@ def draft_from_checkpoint(
     return draft
 
 
+def window_head(cfg: SpecdecConfig, target: Target) -> WindowHead | None:
+    """The window policy's head when an objective trains it: the one saved beside draft.start (a
+    supervised start for RL), else a fresh one with objective.stop_head's threshold."""
+    if not any(set(OBJECTIVES[name].inputs) & WINDOW_POLICY_INPUTS for name in cfg.objective):
+        return None
+    start = getattr(cfg.draft, "start", None)
+    if start is not None and has_window_head(start):
+        log.info("window head from %s", start)
+        return load_window_head(start).train()
+    threshold = cfg.objective["stop_head"].threshold if "stop_head" in cfg.objective else 0.5
+    torch.manual_seed(cfg.run.seed)
+    config = WindowHeadConfig(hidden_size=target.model.config.hidden_size, threshold=threshold)
+    return WindowHead(config)
+
+
+# lookup drafts cost nothing and are long where they match: the baseline drafts up to 8 (transformers' 10)
+NGRAM_K = 8
+
+
+def ngram_drafter(cfg: SpecdecConfig, target: Target, eos: set[int]) -> NgramDrafter:
+    """The zero-training baseline: prompt lookup over eval.ngram-grams."""
+    vocab_size = target.model.get_output_embeddings().weight.shape[0]
+    return NgramDrafter(vocab_size, max_ngram=cfg.eval.ngram, eos_token_ids=eos)
+
+
+def measured_costs(run_dir: Path, target: Target, session, prompts, cfg: SpecdecConfig, eos: set[int]) -> MeasuredCosts:
+    """What a verify step costs on this machine (specdec.eval.calibrate), recorded in
+    run.dir/window_costs.json; a resumed run reads them back, so its reward stays the same."""
+    path = run_dir / "window_costs.json"
+    if path.is_file():
+        return MeasuredCosts(**{k: v for k, v in json.loads(path.read_text()).items() if k != "source"})
+    max_k = max(cfg.eval.k, getattr(cfg.draft, "unroll_steps", cfg.eval.k))
+    costs = calibrate_costs(
+        target.model, session, [prompt.token_ids for prompt in prompts[:4]], max_k=max_k, eos_token_ids=eos
+    )
+    if distributed_rank()[0] == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(costs), indent=1) + "\n")
+    log.info(
+        "step costs (%s): verify %s s, draft %.4f + %.4f n s",
+        costs.source,
+        [round(v, 4) for v in costs.verify],
+        costs.draft_fixed,
+        costs.draft_per_token,
+    )
+    return MeasuredCosts(list(costs.verify), costs.draft_per_token, costs.draft_fixed)
+
+
 def leave_process_group(trainer: L.Trainer) -> None:
     """Every rank leaves together: a rank that exits while the others still use the process group
     aborts in gloo's teardown ("terminate called without an active exception"), a failed task to srun."""
@@ -202,12 +264,18 @@ def train(
         draft_tokenizer = load_tokenizer(TargetConfig(path=draft_init), key="draft.init")
         check_same_tokenizer(target.tokenizer, draft_tokenizer, target_name=cfg.target.path, draft_name=draft_init)
     kind = drafter_kind(cfg.draft.name)
+    if cfg.eval.ngram_first and not (isinstance(kind.session, type) and issubclass(kind.session, Eagle3Drafter)):
+        raise RecipeError(
+            f"eval.ngram_first: the hybrid serves EAGLE-3 and CTC drafters (they can sit out a lookup step); "
+            f"draft.name={cfg.draft.name} drafts every step. Drop eval.ngram_first."
+        )
     layers, feature_layers = target_layers(cfg, target)
     dataset = training_set(cfg, target, layers, progress)
     draft = kind.build(cfg.draft, target, dataset.token_samples(), cfg.run.seed)
     untrained = kind.serving_copy(draft, target.model.dtype)  # its start, kept before any step changes it
     online = cfg.cache.online and bool(layers)
     shards = cfg.trainer.strategy in SHARDS_PARAMETERS
+    window = window_head(cfg, target)
     module = DrafterModule(
         draft,
         kind=kind,
@@ -219,6 +287,7 @@ def train(
         layers=layers,
         shard_target=shards,
         eval_k=cfg.eval.k,
+        window=window,
     )
 
     prompts = load_prompts(
@@ -234,6 +303,9 @@ def train(
         )
     report_prompts, hook_prompts = prompts[: cfg.eval.num_prompts], prompts[cfg.eval.num_prompts :]
     spec, eos = spec_config(cfg), eos_token_ids(target)
+    if "window_rl" in cfg.objective and cfg.objective["window_rl"].costs is None:
+        session = kind.session(kind.serving_copy(draft, target.model.dtype), feature_layers)
+        cfg.objective["window_rl"].costs = measured_costs(run_dir, target, session, hook_prompts, cfg, eos)
     hook = SpecEvalCallback(
         target=target.model,
         prompts=hook_prompts,
@@ -322,30 +394,58 @@ def train(
         if from_best:
             log.info("drafter from %s (eval/tau %.3f)", chosen, best.best_model_score)
         kind.save(final_draft, drafter_dir, target.model.config, feature_layers)
+        if module.window is not None:
+            save_window_head(module.window, drafter_dir)
     trainer.strategy.barrier("drafter saved")
     trained, _ = kind.load(drafter_dir, target.model)
-    served = {
-        "trained": trained.to(target.model.device),
-        "untrained": untrained.to(target.model.device),
-    }  # the hook's device
+    trained, untrained = trained.to(target.model.device), untrained.to(target.model.device)  # the hook's device
+    sessions = {"trained": kind.session(trained, feature_layers)}
+    measured = {"trained": {}}
+    if module.window is not None:  # served with its window policy ...
+        sessions["trained"].window = LearnedWindow(load_window_head(drafter_dir).to(target.model.device))
+        measured["trained"]["window"] = "policy"
+    if cfg.eval.ngram_first:  # ... and/or after n-gram lookup (the hybrid) ...
+        sessions["trained"] = HybridDrafter(ngram_drafter(cfg, target, eos), sessions["trained"])
+        measured["trained"]["mode"] = "ngram_first"
+    if module.window is not None or cfg.eval.ngram_first:  # ... beside the same drafter alone at fixed K
+        sessions["trained, fixed K"] = kind.session(trained, feature_layers)
+    if not module.frozen_draft:
+        sessions["untrained"] = kind.session(untrained, feature_layers)
+        measured["untrained"] = {"untrained": True}
     reports = {}
     if report:
-        with full_weights(trainer, module):  # every rank decodes its share of the prompts
-            reports = evaluate_drafters(
-                target.model,
-                {name: kind.session(drafter, feature_layers) for name, drafter in served.items()},
-                report_prompts,
-                cfg=spec,
-                eos_token_ids=eos,
-                batch_size=cfg.eval.batch_size,
-                seed=cfg.run.seed,
-                progress=progress,
-                bench=cfg.eval.bench,
+        benches = {cfg.eval.bench: report_prompts} | {
+            bench: load_prompts(
+                bench, target.tokenizer, num_prompts=cfg.eval.num_prompts, chat_template=cfg.data.chat_template
             )
-        measured = {"trained": {}, "untrained": {"untrained": True}}
-        reports = {
-            name: replace(report, drafter=str(drafter_dir), **measured[name]) for name, report in reports.items()
+            for bench in cfg.eval.extra_benches
         }
+        for bench, bench_prompts in benches.items():
+            rows = sessions if bench == cfg.eval.bench else {"trained": sessions["trained"]}
+            configs = {}
+            if cfg.eval.ngram:
+                rows = rows | {"ngram": ngram_drafter(cfg, target, eos)}
+                configs["ngram"] = replace(spec, k=max(spec.k, NGRAM_K), tree_width=1)
+            with full_weights(trainer, module):  # every rank decodes its share of the prompts
+                measured_bench = evaluate_drafters(
+                    target.model,
+                    rows,
+                    bench_prompts,
+                    cfg=spec,
+                    configs=configs,
+                    eos_token_ids=eos,
+                    batch_size=cfg.eval.batch_size,
+                    seed=cfg.run.seed,
+                    progress=progress,
+                    bench=bench,
+                )
+            suffix = "" if bench == cfg.eval.bench else f" ({bench})"
+            reports |= {
+                name + suffix: replace(
+                    report, drafter="ngram" if name == "ngram" else str(drafter_dir), **measured.get(name, {})
+                )
+                for name, report in measured_bench.items()
+            }
         if trainer.is_global_zero:
             write_reports(reports, Path(cfg.eval.out), title=f"{cfg.eval.bench}, k={cfg.eval.k}")
         else:

@@ -199,7 +199,7 @@ class CtcDrafter(Eagle3Drafter):
         """Feed the queue; the frames' log-probabilities [B, T, V_d] after the pending token, or None
         when nothing was ever queued (a one-token prompt: no target state to read)."""
         queued = self.queue_mask.shape[1]
-        self.committed = self.mask.shape[1] + queued
+        self.committed, self.fed = self.mask.shape[1] + queued, True
         if queued == 0:
             return None
         tokens = torch.cat([self.queue_tokens, pending[:, None]], dim=1)  # the successor of each queued entry

@@ -33,6 +33,7 @@ from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal
 from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, expand_tree
 from specdec.eval.verify import Sampling, to_probs
+from specdec.eval.window import Window
 
 
 class Eagle3Attention(nn.Module):
@@ -169,14 +170,16 @@ class Eagle3Drafter:
     the last with the pending token), then drafts on its own outputs, as a chain or as a tree;
     those own-feature entries are dropped at commit, since the target's features replace them."""
 
-    def __init__(self, model: Eagle3Model, target_layers: tuple[int, ...]) -> None:
+    def __init__(self, model: Eagle3Model, target_layers: tuple[int, ...], window: Window | None = None) -> None:
         self.model = model.eval()
         self.target_layers = target_layers
+        self.window = window  # None: every chain has the k tokens asked for
 
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
         batch, device = len(input_ids), input_ids.device
         self.keys = self.values = None
         self.mask = attention_mask[:, :0]
+        self.fed = False  # whether this step's propose fed the queue (commit's business)
         # Queued entries: features of context positions, whose next tokens are the context shifted
         # by one and, for the last, the pending token (known at the first propose).
         empty = torch.zeros(batch, 0, len(self.target_layers), self.model.fc.out_features, device=device)
@@ -217,6 +220,7 @@ class Eagle3Drafter:
         the last [B, 1, H], from which the first draft is read. None when nothing is queued."""
         queued = self.queue_mask.shape[1]
         self.committed = self.mask.shape[1] + queued  # entries from here on are the draft's own, dropped at commit
+        self.fed = True
         if queued == 0:  # a one-token prompt: no target features yet, so nothing to draft from
             return None
         tokens = torch.cat([self.queue_tokens, pending[:, None]], dim=1)  # the successor of each queued entry
@@ -243,7 +247,10 @@ class Eagle3Drafter:
             drafts = pending[:, None].expand(-1, k)
             one_hot = None if sampling.greedy else torch.nn.functional.one_hot(drafts, len(self.model.t2d)).float()
             return ChainProposal(drafts, one_hot)
+        if self.window is not None:
+            self.window.start(batch, pending.device)
         drafts, probs = [], []
+        lengths = torch.zeros(batch, dtype=torch.long, device=pending.device)
         for step in range(k):
             logits = self.model.logits(feature)[:, -1]
             if sampling.greedy:
@@ -252,6 +259,10 @@ class Eagle3Drafter:
                 probs.append(self._target_probs(logits, sampling))
                 token = torch.multinomial(probs[-1], 1, generator=generator)[:, 0]
             drafts.append(token)
+            if self.window is not None:  # a row's chain ends at its first token the window leaves out
+                lengths += self.window.keep(step, feature[:, -1], logits) & (lengths == step)
+                if not (lengths > step).any():
+                    break
             if step == k - 1:
                 break
             visible = torch.cat(
@@ -260,7 +271,11 @@ class Eagle3Drafter:
             feature = self._attend(
                 feature, token[:, None], torch.full((batch, 1), step, device=pending.device), visible[:, None]
             )
-        return ChainProposal(torch.stack(drafts, dim=1), torch.stack(probs, dim=1) if probs else None)
+        tokens, probs = torch.stack(drafts, dim=1), torch.stack(probs, dim=1) if probs else None
+        if self.window is None:
+            return ChainProposal(tokens, probs)
+        longest = int(lengths.max())  # the tokens no row kept are not verified
+        return ChainProposal(tokens[:, :longest], probs[:, :longest] if probs is not None else None, lengths)
 
     @torch.inference_mode()
     def propose_tree(self, pending: torch.Tensor, depth: int, width: int) -> DraftTree:
@@ -291,9 +306,13 @@ class Eagle3Drafter:
         return DraftTree(self._target_ids(tree.tokens), tree.parents)
 
     def commit(self, block: torch.Tensor, kept: list[list[int]], target_hidden: torch.Tensor | None) -> None:
-        # Drop the draft's own entries; queue the target's features of the accepted tokens.
-        if self.keys is not None:
+        # Drop the draft's own entries; queue the target's features of the accepted tokens. A step that
+        # drafted with something else (HybridDrafter) fed nothing: its entries join the queue, fed at once
+        # by the next step this drafter drafts.
+        fed, self.fed = self.fed, False
+        if fed and self.keys is not None:
             self.keys, self.values = self.keys[:, :, : self.committed], self.values[:, :, : self.committed]
+        old = (self.queue_hidden, self.queue_tokens, self.queue_mask) if not fed and self.queue_mask.shape[1] else None
         batch, longest = len(kept), max(len(offsets) for offsets in kept)
         target_hidden = self._features_dtype(target_hidden)
         self.queue_hidden = target_hidden.new_zeros(batch, longest, *target_hidden.shape[2:])
@@ -304,6 +323,10 @@ class Eagle3Drafter:
             self.queue_hidden[row, shift:] = target_hidden[row, offsets]
             self.queue_tokens[row, shift:] = block[row, offsets[1:]]
             self.queue_mask[row, shift:] = 1
+        if old is not None:  # the old queue's last entry is followed by this step's pending token
+            self.queue_hidden = torch.cat([old[0], self.queue_hidden], dim=1)
+            self.queue_tokens = torch.cat([old[1], block[:, :1], self.queue_tokens], dim=1)
+            self.queue_mask = torch.cat([old[2], self.queue_mask], dim=1)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         if self.keys is not None:

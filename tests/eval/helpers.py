@@ -273,3 +273,11 @@ class PlannedAcceptance:
     def select_rows(self, rows) -> None:
         self.rows = [self.rows[r] for r in rows.tolist()]
         self.session.select_rows(rows)
+
+
+def first_pair_counts(new_tokens: list[list[int]], vocab_size: int = 6) -> torch.Tensor:
+    """How often each (first, second) token pair was generated: the cells of the chi-square tests."""
+    counts = torch.zeros(vocab_size * vocab_size, dtype=torch.float64)
+    for a, b in (tokens[:2] for tokens in new_tokens):
+        counts[a * vocab_size + b] += 1
+    return counts

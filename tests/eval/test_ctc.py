@@ -26,7 +26,7 @@ from specdec.eval.drafters.ctc import (
 )
 from specdec.eval.tree import DraftTree, ancestor_mask, verify_tree_greedy, verify_tree_sampled
 from specdec.eval.verify import Sampling
-from tests.eval.helpers import PlannedAcceptance, chi_square_p_value, hf_greedy, tiny_lm
+from tests.eval.helpers import PlannedAcceptance, chi_square_p_value, first_pair_counts, hf_greedy, tiny_lm
 
 TARGET = tiny_lm(seed=0)
 LAYERS = (2,)  # the 2-layer target's final normed state (HF output_hidden_states id)
@@ -517,9 +517,7 @@ def test_sampled_output_with_a_ctc_drafter_follows_the_target_distribution(tree_
         eos_token_ids=set(),
         generator=torch.Generator().manual_seed(0),
     )
-    counts = torch.zeros(36, dtype=torch.float64)
-    for a, b in (tokens[:2] for tokens in result.new_tokens):
-        counts[a * 6 + b] += 1
+    counts = first_pair_counts(result.new_tokens)
     assert chi_square_p_value(counts, _exact_law()) > ALPHA
     accepted = [n for row in result.accepted for n in row]
     assert 0 < sum(accepted) < len(accepted)

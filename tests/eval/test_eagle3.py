@@ -140,9 +140,9 @@ def test_greedy_output_with_an_eagle3_head_is_the_targets_own(tree_width: int) -
     assert batched.new_tokens == reference
 
 
-def test_sampled_output_with_an_eagle3_head_follows_the_target_distribution() -> None:
-    from tests.eval.helpers import chi_square_p_value
-    from tests.eval.test_engine import ALPHA, SMALL_PROMPT, SMALL_TARGET, _exact_law
+def small_eagle3_head() -> Eagle3Model:
+    """A random EAGLE-3 head over test_engine's 6-token target, with a draft vocabulary of 4 of its tokens."""
+    from tests.eval.test_engine import SMALL_TARGET
 
     torch.manual_seed(4)
     head = Eagle3Model(SMALL_TARGET.config, draft_vocab_size=4, embed_tokens=SMALL_TARGET.model.embed_tokens)
@@ -152,6 +152,14 @@ def test_sampled_output_with_an_eagle3_head_follows_the_target_distribution() ->
                 parameter.normal_(0, 0.5)
         head.d2t.copy_(torch.tensor([0, 0, 1, 2]))  # draft tokens 0..3 are target tokens 0, 1, 3, 5
         head.t2d.copy_(torch.tensor([True, True, False, True, False, True]))
+    return head
+
+
+def test_sampled_output_with_an_eagle3_head_follows_the_target_distribution() -> None:
+    from tests.eval.helpers import chi_square_p_value
+    from tests.eval.test_engine import ALPHA, SMALL_PROMPT, SMALL_TARGET, _exact_law
+
+    head = small_eagle3_head()
     generator, counts = torch.Generator().manual_seed(0), torch.zeros(36, dtype=torch.float64)
     cfg = SpecConfig(k=2, max_new_tokens=2, sampling=Sampling(temperature=1.0))
     for _ in range(12):

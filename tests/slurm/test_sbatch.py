@@ -193,7 +193,7 @@ def test_two_eval_tasks_write_the_report_one_process_writes(cluster, whole_run: 
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("report ") == 1  # rank 0 prints and writes; rank 1 decoded its share
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
-    assert one.keys() == two.keys() == {"trained", "untrained"}
+    assert one.keys() == two.keys() == {"trained", "untrained", "ngram"}
     for name in one:
         for key in ("tau", "accept_rate_per_pos", "num_prompts", "new_tokens", "verify_steps", "greedy_matches_target"):
             assert two[name][key] == one[name][key], (name, key)

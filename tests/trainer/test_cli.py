@@ -71,8 +71,9 @@ def test_train_on_the_tiny_recipe_runs_the_whole_path(tmp_path: Path, capsys: py
     out = capsys.readouterr().out
     assert "trained 8 steps on " in out and "trained    tau " in out and "untrained  tau " in out
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report) == {"trained", "untrained"}
+    assert set(report) == {"trained", "untrained", "ngram"}  # n-gram lookup: the zero-training baseline
     assert report["trained"]["greedy_matches_target"] == 1.0 and report["trained"]["k"] == 4
+    assert report["ngram"]["k"] == 8 and report["ngram"]["drafter"] == "ngram"
     assert report["trained"]["ar_tokens_per_s"] == report["untrained"]["ar_tokens_per_s"]  # one shared baseline
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "drafter").iterdir()) == ["config.json", "model.safetensors"]

@@ -108,8 +108,9 @@ CASES = {
 
 # Objectives over other inputs than a teacher on the grid, checked against their slow references
 # beside their drafters: PARD's take the data's next tokens (tests/trainer/test_pard.py), CTC takes
-# windows of frames and labels (tests/trainer/test_ctc.py, a brute-force sum over alignments).
-TESTED_ELSEWHERE = {"pard", "pard_cat", "ctc"}
+# windows of frames and labels (tests/trainer/test_ctc.py, a brute-force sum over alignments), and
+# the window policy's take its head's logits at the unroll's places (tests/trainer/test_window.py).
+TESTED_ELSEWHERE = {"pard", "pard_cat", "ctc", "stop_head", "window_rl"}
 
 
 def test_every_registered_objective_has_a_config_and_a_test() -> None:

@@ -423,8 +423,8 @@ def test_pard_llama3_trains_saves_and_reports_on_tiny_models(tmp_path: Path) -> 
     config = json.loads((drafter / "config.json").read_text())
     assert config["pard_token"] == 128020 and config["num_hidden_layers"] == 2 and config["vocab_size"] == 128256
     report = json.loads((run_dir / "eval.json").read_text())
-    assert set(report) == {"trained", "untrained"}
-    assert report["trained"]["k"] == report["untrained"]["k"] == 12
+    assert set(report) == {"trained", "untrained", "ngram"}
+    assert report["trained"]["k"] == report["untrained"]["k"] == report["ngram"]["k"] == 12
     assert report["trained"]["greedy_matches_target"] == 1.0
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2

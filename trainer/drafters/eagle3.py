@@ -39,9 +39,10 @@ from specdec.eval.drafters.eagle3_dirs import (
     write_sglang,
     write_speculators,
 )
+from specdec.eval.window import logit_stats
 from specdec.trainer.drafters import DrafterKind, Exporter, ExportTarget, register_drafter
 from specdec.trainer.drafters.draft_vocab import check_blank, count_loss_tokens, draft_vocab
-from specdec.trainer.objectives import masked_mean, scatter_rows
+from specdec.trainer.objectives import WINDOW_INPUTS, WINDOW_POLICY_INPUTS, masked_mean, scatter_rows
 from specdec.trainer.objectives.expected_accept import expected_accepted
 
 
@@ -55,6 +56,9 @@ class Eagle3DraftConfig:
     # with objective.ctc: a target token id that answers never contain, kept in the draft vocabulary as
     # CTC's blank (the released CTC-drafter code reuses Llama's <unk>, id 0)
     ctc_blank_id: int | None = None
+    # a saved EAGLE-3 directory to start from (its weights and draft vocabulary; vocab_size must match):
+    # a trained drafter whose window policy a recipe trains (objective.stop_head, objective.window_rl)
+    start: str | None = None
 
     def target_layers(self, num_layers: int) -> list[int]:
         """Entering layers 2, N//2 and N-3 (EAGLE-3 reference code); the teacher's final normed state
@@ -72,6 +76,8 @@ def new_eagle3(target: PreTrainedModel, d2t: torch.Tensor, t2d: torch.Tensor, *,
 
 
 def build(cfg: Eagle3DraftConfig, target, token_samples, seed: int) -> Eagle3Model:
+    if cfg.start is not None:
+        return start_from(cfg, target)
     counts = count_loss_tokens(token_samples, target.model.config.vocab_size)
     check_blank(counts, cfg.ctc_blank_id, "draft.ctc_blank_id")
     d2t, t2d = draft_vocab(counts, cfg.vocab_size, reserved=cfg.ctc_blank_id)
@@ -80,6 +86,18 @@ def build(cfg: Eagle3DraftConfig, target, token_samples, seed: int) -> Eagle3Mod
         f"draft vocabulary: {len(d2t)} tokens cover {100 * share:.1f}% of the loss tokens"
     )
     return new_eagle3(target.model, d2t, t2d, seed=seed)
+
+
+def start_from(cfg: Eagle3DraftConfig, target) -> Eagle3Model:
+    """The drafter saved at cfg.start, in float32 (the shared embedding stays the target's)."""
+    draft, _ = load_eagle3(cfg.start, target.model)
+    if len(draft.d2t) != cfg.vocab_size:
+        raise ValueError(
+            f"draft.start={cfg.start} has a draft vocabulary of {len(draft.d2t)} tokens, but draft.vocab_size="
+            f"{cfg.vocab_size}: set draft.vocab_size={len(draft.d2t)} (the drafter's own), or start from another "
+            "drafter."
+        )
+    return serving_copy(draft, torch.float32).train()
 
 
 def untrained_like(draft: Eagle3Model, target: PreTrainedModel, seed: int) -> Eagle3Model:
@@ -199,12 +217,53 @@ def training_inputs(
         steps=cfg.unroll_steps,
     )
     inputs = {"draft_logits": draft.logits(outputs[targets["loss_mask"]]), **targets}
+    if wanted & WINDOW_INPUTS:
+        inputs |= window_inputs(draft, outputs, targets["answer_mask"], target_hidden[:, :, -1], lm_head)
     if "frame_logits" in wanted:
         windows = targets["loss_mask"][:, 0]
         inputs |= ctc_windows(targets["loss_mask"], targets["target_argmax"], windows)
         inputs["frame_logits"] = draft.logits(outputs.transpose(1, 2)[windows])  # [W, K, V_d]
         inputs["ctc_blank"] = draft.t2d.cumsum(0)[cfg.ctc_blank_id] - 1  # its draft id
     return inputs
+
+
+@torch.no_grad()
+def window_inputs(
+    draft: Eagle3Model, outputs: torch.Tensor, answer_mask: torch.Tensor, final: torch.Tensor, lm_head: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """What a window policy sees after each draft token of a chain, and what the verifier did with it,
+    at the M answer places of the unroll (answer_mask [B, K, T]: step k at t drafts token t+k+2):
+        window_hidden      [M, H]  the drafter's output o that produced the token (no gradient)
+        window_stats       [M, 2]  top-1 probability and entropy of its draft distribution
+        window_step        [M]     k, the token's place in its chain
+        window_accept      [M]     1 when greedy verification accepts it: the draft's argmax is the
+                                   target's argmax at t+k+1 over the whole vocabulary
+        window_accept_soft [M]     min(1, p(y) / q(y)) of that token y, p the target's full distribution
+                                   at t+k+1 and q the draft's: the acceptance probability under sampling
+        window_mask        [B, K, T] answer_mask, the grid of the M places
+    A chain starts at every t where step 0 counts. The teacher-forced unroll is the chain's state given
+    that the tokens before were accepted, which is the only case in which the policy is asked."""
+    hidden = outputs[answer_mask]
+    logits = draft.logits(hidden).float()
+    log_q = torch.log_softmax(logits, dim=-1)
+    draft_ids = logits.argmax(dim=-1)
+    tokens = draft_ids + draft.d2t[draft_ids]  # target ids
+    batch_index, step, position = answer_mask.nonzero().unbind(1)
+    at = position + step + 1  # the target's logits there predict token t+k+2
+    rows = torch.stack([batch_index, at], dim=1).unique(dim=0, return_inverse=True)
+    unique_places, place_row = rows
+    target_logits = (final[unique_places[:, 0], unique_places[:, 1]].to(lm_head.dtype) @ lm_head.T).float()
+    log_p = target_logits[place_row, tokens] - target_logits.logsumexp(dim=-1)[place_row]
+    accept = (target_logits.argmax(dim=-1)[place_row] == tokens).float()
+    soft = (log_p - log_q.gather(1, draft_ids[:, None])[:, 0]).exp().clamp(max=1)
+    return {
+        "window_hidden": hidden.detach(),
+        "window_stats": logit_stats(logits),
+        "window_step": step,
+        "window_accept": accept,
+        "window_accept_soft": soft,
+        "window_mask": answer_mask,
+    }
 
 
 def check(cfg: Eagle3DraftConfig, objectives: dict) -> list[str]:
@@ -314,7 +373,12 @@ EXPORTS = {
 
 
 CTC_INPUTS = frozenset({"frame_logits", "ctc_labels", "ctc_label_mask", "ctc_blank"})
-INPUTS = frozenset({"draft_logits", "target_probs", "loss_mask", "target_argmax", "answer_mask"}) | CTC_INPUTS
+INPUTS = (
+    frozenset({"draft_logits", "target_probs", "loss_mask", "target_argmax", "answer_mask"})
+    | CTC_INPUTS
+    | WINDOW_INPUTS
+    | WINDOW_POLICY_INPUTS
+)
 EAGLE3 = register_drafter(
     "eagle3",
     DrafterKind(

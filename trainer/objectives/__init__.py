@@ -53,6 +53,18 @@ def register_objective(name: str, *, config: type) -> Callable:
     return register
 
 
+# A window policy's training tensors (specdec.eval.window): what the drafter's kind gives at the M
+# answer places of its unroll (see trainer.drafters.eagle3.window_inputs) ...
+WINDOW_INPUTS = frozenset(
+    {"window_hidden", "window_stats", "window_step", "window_accept", "window_accept_soft", "window_mask"}
+)
+# ... and what DrafterModule's window head computes from them: acceptance logits [M] and log h, for the
+# head being trained and for the behaviour copy that RL samples its rollouts from
+WINDOW_POLICY_INPUTS = frozenset(
+    {"window_logits", "window_log_threshold", "window_logits_behaviour", "window_log_threshold_behaviour"}
+)
+
+
 def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Values [N] of the N places where `mask` [B, K, T] is True, back on its grid; 0 elsewhere."""
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
@@ -64,10 +76,12 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros_like(values)).sum() / count.clamp(min=1)
 
 
-from specdec.trainer.objectives import ctc, expected_accept, kd, lk, pard, pard_cat, ttt  # noqa: E402 (they register here)
+from specdec.trainer.objectives import ctc, expected_accept, kd, lk, pard, pard_cat, stop_head, ttt, window_rl  # noqa: E402 (they register here)
 
 __all__ = [
     "OBJECTIVES",
+    "WINDOW_INPUTS",
+    "WINDOW_POLICY_INPUTS",
     "Objective",
     "ObjectiveOutput",
     "ctc",
@@ -79,5 +93,7 @@ __all__ = [
     "pard_cat",
     "register_objective",
     "scatter_rows",
+    "stop_head",
     "ttt",
+    "window_rl",
 ]

@@ -1,0 +1,127 @@
+"""The window of a drafted chain: a fixed window reproduces fixed K token for token, the learned
+stop rule keeps tokens while the predicted chance that all of them are accepted stays above h, the
+policy path stays lossless (greedy and sampled), the cost model and the reward on hand-made steps,
+and a window head's directory round trip."""
+
+import math
+
+import pytest
+import torch
+
+from specdec.eval.drafters.eagle3 import Eagle3Drafter
+from specdec.eval.engine import SpecConfig, generate
+from specdec.eval.verify import Sampling
+from specdec.eval.window import (
+    FixedWindow,
+    LearnedWindow,
+    StepCosts,
+    WindowHead,
+    WindowHeadConfig,
+    has_window_head,
+    load_window_head,
+    logit_stats,
+    save_window_head,
+    speedup_reward,
+)
+from tests.eval.helpers import hf_greedy
+from tests.eval.test_eagle3 import LAYERS, TARGET, _head, small_eagle3_head
+
+PROMPTS = [[1, 5, 7, 9, 11], [1, 3], [1, 20, 21, 22, 23, 24, 25, 30], [4, 6, 8]]
+
+
+def _window_head(threshold: float, seed: int = 0, hidden_size: int = TARGET.config.hidden_size) -> WindowHead:
+    torch.manual_seed(seed)
+    head = WindowHead(WindowHeadConfig(hidden_size=hidden_size, threshold=threshold))
+    with torch.no_grad():
+        head.mlp[-1].weight.mul_(20)  # acceptance that varies with the drafter's state ...
+        head.mlp[-1].bias.fill_(1.0)  # ... around 0.7 a token: chains of varying length
+    return head.eval()
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_a_window_that_always_stops_after_k_tokens_reproduces_fixed_k(k: int) -> None:
+    drafter = Eagle3Drafter(_head(), LAYERS)
+    fixed = generate(
+        TARGET, PROMPTS, drafter=drafter, cfg=SpecConfig(k=max(k, 1), max_new_tokens=24), eos_token_ids=set()
+    )
+    windowed = Eagle3Drafter(_head(), LAYERS, window=FixedWindow(k))
+    result = generate(TARGET, PROMPTS, drafter=windowed, cfg=SpecConfig(k=8, max_new_tokens=24), eos_token_ids=set())
+    assert result.new_tokens == fixed.new_tokens
+    if k > 0:
+        assert result.accepted == fixed.accepted  # the same steps, accepting the same drafts
+        assert {n for row in result.drafted for n in row} == {k}
+    else:
+        assert {n for row in result.drafted for n in row} == {0}  # plain decoding through the drafter
+        assert len(result.accepted[0]) == 24
+
+
+def test_the_learned_rule_keeps_tokens_while_the_product_of_acceptances_stays_above_h() -> None:
+    head = _window_head(threshold=0.5)
+    window = LearnedWindow(head)
+    hidden, logits = torch.randn(3, 4, 32), torch.randn(3, 4, 64)
+    window.start(4, torch.device("cpu"))
+    kept = torch.stack([window.keep(step, hidden[step], logits[step]) for step in range(3)], dim=1)  # [B, 3]
+    accept = torch.sigmoid(
+        torch.stack([head(hidden[s], logit_stats(logits[s]), torch.full((4,), s)) for s in range(3)], dim=1)
+    ).detach()
+    expected = accept.cumprod(dim=1) >= 0.5
+    assert torch.equal(kept, expected)
+    assert kept.any() and not kept.all()
+
+
+def test_greedy_output_with_a_learned_window_is_the_targets_own_and_chains_vary_in_length() -> None:
+    reference = [hf_greedy(TARGET, prompt, 32) for prompt in PROMPTS]
+    cfg = SpecConfig(k=6, max_new_tokens=32)
+    for batch in ([PROMPTS], [[p] for p in PROMPTS]):
+        for prompts in batch:
+            drafter = Eagle3Drafter(_head(32), LAYERS, window=LearnedWindow(_window_head(threshold=0.5)))
+            result = generate(TARGET, prompts, drafter=drafter, cfg=cfg, eos_token_ids=set())
+            assert result.new_tokens == [reference[PROMPTS.index(p)] for p in prompts]
+    lengths = {n for row in result.drafted for n in row}
+    assert len(lengths) >= 4 and min(lengths) < 6  # the window decided, per row and step
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.75])
+def test_sampled_output_with_a_learned_window_follows_the_target_distribution(threshold: float) -> None:
+    from tests.eval.helpers import chi_square_p_value
+    from tests.eval.test_engine import ALPHA, SMALL_PROMPT, SMALL_TARGET, _exact_law
+
+    head = small_eagle3_head()
+    window_head = _window_head(threshold=threshold, hidden_size=SMALL_TARGET.config.hidden_size)
+    generator, counts = torch.Generator().manual_seed(0), torch.zeros(36, dtype=torch.float64)
+    cfg = SpecConfig(k=2, max_new_tokens=2, sampling=Sampling(temperature=1.0))
+    drafted = set()
+    for _ in range(12):
+        drafter = Eagle3Drafter(head.eval(), LAYERS, window=LearnedWindow(window_head))
+        result = generate(
+            SMALL_TARGET, [SMALL_PROMPT] * 1000, drafter=drafter, cfg=cfg, eos_token_ids=set(), generator=generator
+        )
+        drafted |= {n for row in result.drafted for n in row}
+        for a, b in (tokens[:2] for tokens in result.new_tokens):
+            counts[a * 6 + b] += 1
+    assert len(drafted) >= 2  # rows of different lengths in one batch ({1, 2} at h = 0.5, {0, 1} at 0.75)
+    assert chi_square_p_value(counts, _exact_law()) > ALPHA
+
+
+def test_the_cost_of_a_step_and_the_reward_on_hand_made_steps() -> None:
+    costs = StepCosts(verify=(0.040, 0.041, 0.043), draft_per_token=0.002, draft_fixed=0.001)
+    drafted, accepted = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 0, 2])
+    seconds = costs.step(drafted)
+    torch.testing.assert_close(seconds, torch.tensor([0.041, 0.044, 0.048, 0.048], dtype=torch.float64))
+    reward = speedup_reward(accepted, drafted, costs)
+    expected = torch.tensor([1 / 0.041, 2 / 0.044, 1 / 0.048, 3 / 0.048], dtype=torch.float64) * 0.040
+    torch.testing.assert_close(reward, expected)
+    assert reward[3] > 1 > reward[2]  # two accepted drafts beat a plain step; two rejected ones lose to it
+
+
+def test_a_window_head_round_trips_through_its_directory(tmp_path) -> None:
+    head = _window_head(threshold=0.2, seed=3)
+    with pytest.raises(FileNotFoundError, match="no window head here"):
+        load_window_head(tmp_path)
+    save_window_head(head, tmp_path)
+    assert has_window_head(tmp_path)
+    loaded = load_window_head(tmp_path)
+    assert loaded.cfg == head.cfg
+    assert math.isclose(loaded.log_threshold.exp().item(), 0.2, rel_tol=1e-6)
+    hidden, stats, step = torch.randn(5, 32), torch.rand(5, 2), torch.arange(5)
+    torch.testing.assert_close(loaded(hidden, stats, step), head(hidden, stats, step))
