@@ -27,7 +27,6 @@ from specdec.data_prep import (
 )
 from specdec.eval import CausalLMDrafter
 from specdec.eval.drafters import Drafter, DrafterLoadError
-from specdec.eval.drafters.eagle3 import Eagle3Drafter
 from specdec.eval.drafters.hybrid import HybridDrafter
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
 from specdec.eval.prompts import PromptError, load_prompts
@@ -373,7 +372,7 @@ def _row_drafters(cfg: SpecdecConfig, target: Target, rows: list[tuple[str, Comp
         if (row.window or cfg.eval.window) == "policy":
             drafters[row.name] = _with_window(drafters[row.name], row, target)
         if _ngram_first(row, cfg):
-            if not isinstance(drafters[row.name], Eagle3Drafter):  # the sessions that can sit out a step
+            if not getattr(drafters[row.name], "can_sit_out", False):  # sessions whose commit needs no propose
                 raise RecipeError(f"{key}.ngram_first: {row.drafter} is not an EAGLE-3 or CTC drafter; drop it")
             drafters[row.name] = HybridDrafter(ngram_drafter(cfg, target, eos_token_ids(target)), drafters[row.name])
     return drafters

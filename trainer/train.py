@@ -42,7 +42,6 @@ from specdec.data_prep.cache import remove_dead_writers_files, temporary_path
 from specdec.data_prep.prep import distributed_rank
 from specdec.eval import Sampling, SpecConfig
 from specdec.eval.calibrate import calibrate_costs
-from specdec.eval.drafters.eagle3 import Eagle3Drafter
 from specdec.eval.drafters.hybrid import HybridDrafter
 from specdec.eval.drafters.ngram import NgramDrafter
 from specdec.eval.evaluate import EvalReport, evaluate_drafters, write_reports
@@ -264,7 +263,7 @@ def train(
         draft_tokenizer = load_tokenizer(TargetConfig(path=draft_init), key="draft.init")
         check_same_tokenizer(target.tokenizer, draft_tokenizer, target_name=cfg.target.path, draft_name=draft_init)
     kind = drafter_kind(cfg.draft.name)
-    if cfg.eval.ngram_first and not (isinstance(kind.session, type) and issubclass(kind.session, Eagle3Drafter)):
+    if cfg.eval.ngram_first and not getattr(kind.session, "can_sit_out", False):
         raise RecipeError(
             f"eval.ngram_first: the hybrid serves EAGLE-3 and CTC drafters (they can sit out a lookup step); "
             f"draft.name={cfg.draft.name} drafts every step. Drop eval.ngram_first."

@@ -170,6 +170,8 @@ class Eagle3Drafter:
     the last with the pending token), then drafts on its own outputs, as a chain or as a tree;
     those own-feature entries are dropped at commit, since the target's features replace them."""
 
+    can_sit_out = True  # commit works after a step it did not draft (HybridDrafter)
+
     def __init__(self, model: Eagle3Model, target_layers: tuple[int, ...], window: Window | None = None) -> None:
         self.model = model.eval()
         self.target_layers = target_layers
