@@ -258,7 +258,7 @@ def test_eval_compare_measures_each_row_at_its_own_k_against_one_baseline(
     assert all(row["greedy_matches_target"] == 1.0 for row in report.values())
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:5]] == ["trained", "start", "trained-chain"]
-    assert [line.split()[3] for line in lines[2:5]] == ["k=2,", "k=3", "k=4,"]
+    assert [line.split()[3:5] for line in lines[2:5]] == [["k=2,", "accepted"], ["k=3", "tree_width=2,"], ["k=4", "chain,"]]
     assert lines[3].split()[4] == "tree_width=2,"  # printed for a tree only
     assert all(" ms/step" in line for line in lines[2:5])
 
