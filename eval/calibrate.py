@@ -1,10 +1,9 @@
 """Measure what a verify step costs on this machine, for the window policy's reward.
 
-The engine decodes a few prompts once per window n = 0..K (a fixed window of n tokens) and times
-its steps: c_verify(n) is the mean verify time of the steps that drafted n tokens, and drafting is
-fitted by least squares as draft_fixed + n * draft_per_token over all steps. A drafter session with
-a window (`window` attribute, specdec.eval.window) drafts token 0 before the window decides, so
-n = 0 still pays for one draft step, as it does when a policy serves.
+The engine decodes a few prompts plainly, then once per window n = 1..K (a fixed window of n
+tokens), and times its steps: c_verify(0) is a plain decoding step (the reward's unit), c_verify(n)
+the mean verify time of the steps that drafted n tokens, and drafting is fitted by least squares as
+draft_fixed + n * draft_per_token over all steps.
 """
 
 import torch
@@ -28,12 +27,14 @@ def calibrate_costs(
     try:
         generate(target, prompts[:1], drafter=None, cfg=cfg, eos_token_ids=eos_token_ids)  # warm-up
         for n in range(max_k + 1):
-            drafter.window = FixedWindow(n)
+            drafter.window = FixedWindow(max(n, 1))
             seconds = []
             for prompt in prompts:
-                result = generate(target, [prompt], drafter=drafter, cfg=cfg, eos_token_ids=eos_token_ids)
+                result = generate(
+                    target, [prompt], drafter=drafter if n else None, cfg=cfg, eos_token_ids=eos_token_ids
+                )
                 seconds += result.verify_time_s[1:]  # the first step runs after the prefill's allocations
-                points += [(n, time_s) for time_s in result.draft_time_s[1:]]
+                points += [(n, time_s) for time_s in result.draft_time_s[1:] if n]
             verify.append(sum(seconds) / max(len(seconds), 1))
     finally:
         drafter.window = saved
@@ -46,5 +47,5 @@ def calibrate_costs(
         tuple(verify),
         max(per_token, 0.0),
         max(fixed, 0.0),
-        source=f"measured: {len(prompts)} prompts x {max_new_tokens} tokens per window 0..{max_k}, {device}",
+        source=f"measured: {len(prompts)} prompts x {max_new_tokens} tokens per window 0 (plain)..{max_k}, {device}",
     )

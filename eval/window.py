@@ -1,20 +1,23 @@
 """How many tokens to draft before verifying: a fixed window, or a learned stop policy.
 
-A drafter that drafts token by token asks its window, after each draft token i (0-based), whether
-the token goes into this step's chain; the first "no" ends that row's chain (the row drafts i
-tokens), and the drafter stops once every row has stopped or `eval.k` tokens are drafted.
+A drafter that drafts token by token always drafts token 0, and after each draft token i (0-based)
+asks its window whether to go on to token i + 1; a row's first "no" ends its chain at i + 1 tokens,
+and the drafter stops once every row has stopped or `eval.k` tokens are drafted. Deciding after
+token i is drafted, and keeping it, is SpecDec++'s order: the token that prompted the "stop" costs
+nothing more to verify (a verify step's cost barely grows with its drafts), and no token is drafted
+only to be thrown away.
 
 The learned policy follows SpecDec++ (Huang, Guo, Wang, COLM 2025, arXiv 2405.19715): a small head
 reads the drafter's state that produced token i (its hidden state, the draft distribution's top-1
 probability and entropy, and i) and predicts a_i = P(token i is accepted | tokens < i were). The
-chain keeps token i while the predicted probability that all of it is accepted stays high enough:
+chain goes on while the predicted probability that all of it is accepted stays high enough:
 
-    P_i = prod_{j <= i} sigmoid(head(state_j))          keep token i  iff  P_i >= h
+    P_i = prod_{j <= i} sigmoid(head(state_j))          draft token i + 1  iff  P_i >= h
 
 which is SpecDec++'s threshold rule (stop once P(some draft is rejected) > 1 - h). The threshold h
 is a parameter of the head: `stop_head` trains the head's acceptance logits, `window_rl` trains
 both against the measured cost of a step (specdec.trainer.objectives). During RL the same rule is
-stochastic, keep with probability sigmoid((log P_i - log h) / temperature); at serving it is the
+stochastic, go on with probability sigmoid((log P_i - log h) / temperature); at serving it is the
 rule above. `StepCosts` is the cost model the RL reward and the report use.
 """
 
@@ -33,22 +36,24 @@ class Window(Protocol):
     def start(self, batch: int, device: torch.device) -> None:
         """A new chain for `batch` rows."""
 
-    def keep(self, step: int, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Whether draft token `step` joins the chain, per row [B] bool, from the drafter's state that
-        produced it: hidden [B, H] and the logits it was drawn from [B, V]."""
+    def go_on(self, step: int, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Whether to draft token `step + 1` after token `step`, per row [B] bool, from the drafter's
+        state that produced token `step`: hidden [B, H] and the logits it was drawn from [B, V]."""
 
 
 class FixedWindow:
     """Every chain has k tokens: fixed K = k, as a window (for tests and the cost calibration)."""
 
     def __init__(self, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"FixedWindow({k}): a window drafts at least one token")
         self.k = k
 
     def start(self, batch: int, device: torch.device) -> None:
         self.batch, self.device = batch, device
 
-    def keep(self, step: int, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return torch.full((self.batch,), step < self.k, dtype=torch.bool, device=self.device)
+    def go_on(self, step: int, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return torch.full((self.batch,), step + 1 < self.k, dtype=torch.bool, device=self.device)
 
 
 def logit_stats(logits: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,7 @@ class WindowHeadConfig:
     hidden_size: int  # the drafter's hidden state it reads
     max_steps: int = 16  # draft positions it has an embedding for (eval.k at most)
     width: int = 64
-    threshold: float = 0.5  # h at the start: keep token i while P_i >= h
+    threshold: float = 0.5  # h at the start: draft token i + 1 while P_i >= h
     temperature: float = 0.25  # of the stochastic rule that RL samples from
 
 
@@ -87,8 +92,8 @@ class WindowHead(nn.Module):
         x = self.hidden_proj(self.norm(hidden.to(dtype))) + self.stats_proj(stats.to(dtype)) + self.step_embed(step)
         return self.mlp(x)[..., 0]
 
-    def keep_logits(self, log_all_accepted: torch.Tensor) -> torch.Tensor:
-        """Logits of the stochastic keep decision from log P_i: (log P_i - log h) / temperature."""
+    def go_on_logits(self, log_all_accepted: torch.Tensor) -> torch.Tensor:
+        """Logits of the stochastic go-on decision from log P_i: (log P_i - log h) / temperature."""
         return (log_all_accepted - self.log_threshold) / self.cfg.temperature
 
 
@@ -102,7 +107,7 @@ class LearnedWindow:
         self.log_all_accepted = torch.zeros(batch, device=device)
 
     @torch.inference_mode()
-    def keep(self, step: int, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def go_on(self, step: int, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         steps = torch.full(hidden.shape[:1], min(step, self.head.cfg.max_steps - 1), device=hidden.device)
         accept = self.head(hidden, logit_stats(logits), steps).float()
         self.log_all_accepted = self.log_all_accepted + torch.nn.functional.logsigmoid(accept)
@@ -143,10 +148,11 @@ def load_window_head(directory: str | Path) -> WindowHead:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """What a verify step costs, in seconds: the target's forward of the pending token and n drafts
-    (verify[n], n = 0..K), and each draft token's share of drafting (draft_per_token, with
-    draft_fixed paid once per step, e.g. EAGLE-3 feeding the accepted tokens). Measured on the
-    machine by `specdec.eval.calibrate` (or set in a recipe for another device)."""
+    """What a step costs, in seconds: verify[0] is a plain decoding step (the unit of the reward),
+    verify[n] (n = 1..K) the target's forward of the pending token and n drafts, and drafting costs
+    draft_fixed once per step (e.g. EAGLE-3 feeding the accepted tokens) plus draft_per_token per
+    draft. Measured on the machine by `specdec.eval.calibrate` (or set in a recipe for another
+    device)."""
 
     verify: tuple[float, ...]
     draft_per_token: float
@@ -154,7 +160,7 @@ class StepCosts:
     source: str = ""  # how they were obtained, for the report
 
     def step(self, drafted: torch.Tensor) -> torch.Tensor:
-        """Seconds of a step that drafts `drafted` tokens ([...] int64, 0..K)."""
+        """Seconds of a step that drafts `drafted` tokens ([...] int64, 1..K)."""
         verify = torch.tensor(self.verify, dtype=torch.float64, device=drafted.device)[drafted]
         return verify + self.draft_fixed + drafted.double() * self.draft_per_token
 
@@ -162,4 +168,6 @@ class StepCosts:
 def speedup_reward(accepted: torch.Tensor, drafted: torch.Tensor, costs: StepCosts) -> torch.Tensor:
     """Tokens emitted per second of a step, relative to plain decoding (one token per verify[0]):
     (accepted + 1) / cost(n) * verify[0]. Above 1 the step beat an autoregressive step."""
+    if bool((drafted < 1).any()):
+        raise ValueError("speedup_reward: a speculative step drafts at least one token")
     return (accepted.double() + 1) / costs.step(drafted) * costs.verify[0]

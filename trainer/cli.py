@@ -374,7 +374,9 @@ def _row_drafters(cfg: SpecdecConfig, target: Target, rows: list[tuple[str, Comp
         if _ngram_first(row, cfg):
             if not getattr(drafters[row.name], "can_sit_out", False):  # sessions whose commit needs no propose
                 raise RecipeError(f"{key}.ngram_first: {row.drafter} is not an EAGLE-3 or CTC drafter; drop it")
-            drafters[row.name] = HybridDrafter(ngram_drafter(cfg, target, eos_token_ids(target)), drafters[row.name])
+            drafters[row.name] = HybridDrafter(
+                ngram_drafter(cfg, target, eos_token_ids(target)), drafters[row.name], trained_k=row.k or cfg.eval.k
+            )
     return drafters
 
 
@@ -382,8 +384,16 @@ def _ngram_first(row: CompareConfig, cfg: SpecdecConfig) -> bool:
     return (
         row.drafter != NGRAM
         and not row.untrained
+        and row.mode is None
+        and (row.tree_width or cfg.eval.tree_width) == 1  # eval.ngram_first leaves a tree row as it is
         and (row.ngram_first if row.ngram_first is not None else cfg.eval.ngram_first)
     )
+
+
+def _engine_k(row: CompareConfig, cfg: SpecdecConfig) -> int:
+    """A row's k; the hybrid's lookup drafts as far as the n-gram row does (its drafter up to the row's k)."""
+    k = row.k or cfg.eval.k
+    return max(k, NGRAM_K) if _ngram_first(row, cfg) else k
 
 
 def _with_window(session: Drafter, row: CompareConfig, target: Target) -> Drafter:
@@ -410,9 +420,9 @@ def _eval(cfg: SpecdecConfig) -> None:
             prompts,
             cfg=spec,
             configs={
-                row.name: replace(spec, k=row.k or spec.k, tree_width=row.tree_width or spec.tree_width)
+                row.name: replace(spec, k=_engine_k(row, cfg), tree_width=row.tree_width or spec.tree_width)
                 for _, row in rows
-                if row.k is not None or row.tree_width is not None
+                if row.k is not None or row.tree_width is not None or _ngram_first(row, cfg)
             },
             eos_token_ids=eos_token_ids(target),
             batch_size=cfg.eval.batch_size,

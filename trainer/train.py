@@ -214,9 +214,16 @@ def measured_costs(run_dir: Path, target: Target, session, prompts, cfg: Specdec
     """What a verify step costs on this machine (specdec.eval.calibrate), recorded in
     run.dir/window_costs.json; a resumed run reads them back, so its reward stays the same."""
     path = run_dir / "window_costs.json"
-    if path.is_file():
-        return MeasuredCosts(**{k: v for k, v in json.loads(path.read_text()).items() if k != "source"})
     max_k = max(cfg.eval.k, getattr(cfg.draft, "unroll_steps", cfg.eval.k))
+    if path.is_file():
+        recorded = MeasuredCosts(**{k: v for k, v in json.loads(path.read_text()).items() if k != "source"})
+        if len(recorded.verify) < max_k + 1:
+            raise ValueError(
+                f"{path}: the recorded step costs cover windows up to {len(recorded.verify) - 1} tokens, and this "
+                f"run drafts up to {max_k} (eval.k, draft.unroll_steps). Delete the file to measure them again "
+                "(the reward changes, so start the RL run over), or keep the run's K."
+            )
+        return recorded
     costs = calibrate_costs(
         target.model, session, [prompt.token_ids for prompt in prompts[:4]], max_k=max_k, eos_token_ids=eos
     )
@@ -404,7 +411,7 @@ def train(
         sessions["trained"].window = LearnedWindow(load_window_head(drafter_dir).to(target.model.device))
         measured["trained"]["window"] = "policy"
     if cfg.eval.ngram_first:  # ... and/or after n-gram lookup (the hybrid) ...
-        sessions["trained"] = HybridDrafter(ngram_drafter(cfg, target, eos), sessions["trained"])
+        sessions["trained"] = HybridDrafter(ngram_drafter(cfg, target, eos), sessions["trained"], trained_k=cfg.eval.k)
         measured["trained"]["mode"] = "ngram_first"
     if module.window is not None or cfg.eval.ngram_first:  # ... beside the same drafter alone at fixed K
         sessions["trained, fixed K"] = kind.session(trained, feature_layers)
@@ -422,6 +429,8 @@ def train(
         for bench, bench_prompts in benches.items():
             rows = sessions if bench == cfg.eval.bench else {"trained": sessions["trained"]}
             configs = {}
+            if cfg.eval.ngram_first:  # lookup drafts as far as the n-gram row does, the drafter up to eval.k
+                configs["trained"] = replace(spec, k=max(spec.k, NGRAM_K), tree_width=1)
             if cfg.eval.ngram:
                 rows = rows | {"ngram": ngram_drafter(cfg, target, eos)}
                 configs["ngram"] = replace(spec, k=max(spec.k, NGRAM_K), tree_width=1)

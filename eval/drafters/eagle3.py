@@ -252,7 +252,7 @@ class Eagle3Drafter:
         if self.window is not None:
             self.window.start(batch, pending.device)
         drafts, probs = [], []
-        lengths = torch.zeros(batch, dtype=torch.long, device=pending.device)
+        lengths = torch.ones(batch, dtype=torch.long, device=pending.device)
         for step in range(k):
             logits = self.model.logits(feature)[:, -1]
             if sampling.greedy:
@@ -261,12 +261,12 @@ class Eagle3Drafter:
                 probs.append(self._target_probs(logits, sampling))
                 token = torch.multinomial(probs[-1], 1, generator=generator)[:, 0]
             drafts.append(token)
-            if self.window is not None:  # a row's chain ends at its first token the window leaves out
-                lengths += self.window.keep(step, feature[:, -1], logits) & (lengths == step)
-                if not (lengths > step).any():
-                    break
             if step == k - 1:
                 break
+            if self.window is not None:  # a row's chain ends at its window's first "stop"
+                lengths += self.window.go_on(step, feature[:, -1], logits) & (lengths == step + 1)
+                if not (lengths > step + 1).any():
+                    break
             visible = torch.cat(
                 [self.mask.bool(), torch.ones(batch, step + 1, dtype=torch.bool, device=pending.device)], 1
             )

@@ -5,7 +5,8 @@ already contains) is often accepted for several tokens; elsewhere it drafts noth
 rows all find a lookup draft uses it; any other step asks the trained drafter, with its window if
 it has one. The trained drafter does no work on lookup steps: it queues the target's features of
 the tokens those steps accept and feeds them the next time it drafts (Eagle3Drafter.commit), so
-its state after any mix of steps is the one it would have had drafting every step.
+its state after any mix of steps is the one it would have had drafting every step. Lookup drafts up
+to the engine's k; the trained drafter up to its own `trained_k` (its best chain is often shorter).
 """
 
 import torch
@@ -17,8 +18,8 @@ from specdec.eval.verify import Sampling
 
 
 class HybridDrafter:
-    def __init__(self, lookup: NgramDrafter, trained: Drafter) -> None:
-        self.lookup, self.trained = lookup, trained
+    def __init__(self, lookup: NgramDrafter, trained: Drafter, trained_k: int | None = None) -> None:
+        self.lookup, self.trained, self.trained_k = lookup, trained, trained_k
         self.target_layers = trained.target_layers
         self.lookup_steps = self.trained_steps = 0
 
@@ -34,7 +35,7 @@ class HybridDrafter:
             self.lookup_steps += 1
             return found
         self.trained_steps += 1
-        return self.trained.propose_chain(pending, k, sampling, generator)
+        return self.trained.propose_chain(pending, min(k, self.trained_k or k), sampling, generator)
 
     def propose_tree(self, pending: torch.Tensor, depth: int, width: int) -> DraftTree:
         raise ValueError("the n-gram-first hybrid drafts chains; set tree_width=1 for it")

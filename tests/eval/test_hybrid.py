@@ -74,3 +74,13 @@ def test_the_hybrids_output_is_the_targets_own_and_both_drafters_draft() -> None
         batched = HybridDrafter(NgramDrafter(64), Eagle3Drafter(_head(32), LAYERS, window=window))
         result = generate(TARGET, prompts, drafter=batched, cfg=SpecConfig(k=4, max_new_tokens=40), eos_token_ids=set())
         assert result.new_tokens == references
+
+
+def test_the_hybrids_drafter_drafts_up_to_its_own_k_and_lookup_up_to_the_engines() -> None:
+    prompt = [1, 5, 7, 9, 5, 7, 9, 5, 7, 9, 5, 7]
+    hybrid = HybridDrafter(NgramDrafter(64), Eagle3Drafter(_head(32), LAYERS), trained_k=2)
+    result = generate(TARGET, [prompt], drafter=hybrid, cfg=SpecConfig(k=6, max_new_tokens=40), eos_token_ids=set())
+    assert result.new_tokens == [hf_greedy(TARGET, prompt, 40)]
+    drafted = {n for n in result.drafted[0]}
+    assert 2 in drafted and drafted <= {1, 2, 3, 4, 5, 6} and max(drafted) > 2  # lookup's spans are longer
+    assert hybrid.lookup_steps > 0 and hybrid.trained_steps > 0

@@ -90,6 +90,29 @@ def test_train_on_the_tiny_recipe_runs_the_whole_path(tmp_path: Path, capsys: py
     assert trees["trained"]["tree_width"] == 2 and trees["trained"]["greedy_matches_target"] == 1.0
 
 
+def test_a_run_serving_the_hybrid_reports_it_beside_the_drafter_alone_and_lookup(tmp_path: Path) -> None:
+    """eval.ngram_first: the trained row is lookup (up to 8) with the drafter at eval.k elsewhere;
+    specdec-eval's rows take it too, at their own k."""
+    import json
+
+    argv = ["recipe=tiny", f"run.dir={tmp_path}", "trainer.max_steps=2", "eval.k=2", "eval.ngram_first=true"]
+    assert cli.train_main(argv) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report) == {"trained", "trained, fixed K", "untrained", "ngram"}
+    assert report["trained"]["mode"] == "ngram_first" and report["trained"]["k"] == 8
+    assert report["trained, fixed K"]["k"] == 2 and report["trained, fixed K"]["mode"] is None
+    assert all(row["greedy_matches_target"] == 1.0 for row in report.values())
+    rows = (
+        f"[{{name: hybrid, drafter: {tmp_path}/drafter, k: 1}}, "  # eval.ngram_first=true: the hybrid
+        f"{{name: alone, drafter: {tmp_path}/drafter, k: 1, ngram_first: false}}]"
+    )
+    assert cli.eval_main([*argv, f"eval.compare={rows}", f"eval.out={tmp_path}/compare.json"]) == 0
+    compare = json.loads((tmp_path / "compare.json").read_text())
+    assert (compare["hybrid"]["mode"], compare["hybrid"]["k"]) == ("ngram_first", 8)
+    assert (compare["alone"]["mode"], compare["alone"]["k"]) == (None, 1)
+    assert all(row["greedy_matches_target"] == 1.0 for row in compare.values())
+
+
 def test_a_target_path_that_does_not_exist_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.train_main(["recipe=tiny", f"run.dir={tmp_path}", "target.path=/no/such/model"]) == 2
     assert "target.path=/no/such/model does not exist" in capsys.readouterr().err
@@ -258,7 +281,11 @@ def test_eval_compare_measures_each_row_at_its_own_k_against_one_baseline(
     assert all(row["greedy_matches_target"] == 1.0 for row in report.values())
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:5]] == ["trained", "start", "trained-chain"]
-    assert [line.split()[3:5] for line in lines[2:5]] == [["k=2,", "accepted"], ["k=3", "tree_width=2,"], ["k=4", "chain,"]]
+    assert [line.split()[3:5] for line in lines[2:5]] == [
+        ["k=2,", "accepted"],
+        ["k=3", "tree_width=2,"],
+        ["k=4", "chain,"],
+    ]
     assert lines[3].split()[4] == "tree_width=2,"  # printed for a tree only
     assert all(" ms/step" in line for line in lines[2:5])
 

@@ -1,5 +1,5 @@
 """The window policy's objectives: SpecDec++'s weighted BCE against its formula; GRPO's pieces
-(leading runs, group-normalised advantages, the decisions' log-probability, the clipped surrogate) on
+(leading runs, group-relative advantages, the decisions' log-probability, the clipped surrogate) on
 hand-made groups; window_rl's rollouts and rewards on a hand-made grid; EAGLE-3's window inputs
 against a slow loop over a tiny target; and tiny runs end to end: a stop head trained on a frozen
 drafter, RL from it with the step costs calibrated and recorded, and specdec-eval serving it."""
@@ -49,7 +49,9 @@ def test_leading_runs_and_group_advantages_on_hand_made_groups() -> None:
     flags = torch.tensor([[True, True, False, True], [False, True, True, True], [True, True, True, True]])
     assert leading_run(flags).tolist() == [2, 0, 4]
     rewards = torch.tensor([[1.0, 2.0, 3.0, 2.0], [1.5, 1.5, 1.5, 1.5], [0.0, 0.0, 0.0, 4.0]])
-    advantages = group_advantages(rewards)
+    centred = group_advantages(rewards, scale_by_std=False)  # Dr. GRPO: the reward's own scale
+    torch.testing.assert_close(centred, torch.tensor([[-1.0, 0.0, 1.0, 0.0], [0.0] * 4, [-1.0, -1.0, -1.0, 3.0]]))
+    advantages = group_advantages(rewards, scale_by_std=True)  # GRPO
     std = math.sqrt(0.5)
     torch.testing.assert_close(advantages[0], torch.tensor([-1 / std, 0.0, 1 / std, 0.0]), atol=1e-5, rtol=1e-5)
     assert advantages[1].tolist() == [0.0] * 4  # a group that ties teaches nothing
@@ -58,15 +60,15 @@ def test_leading_runs_and_group_advantages_on_hand_made_groups() -> None:
 
 
 def test_the_log_probability_of_a_rollouts_decisions() -> None:
-    keep_logits = torch.tensor([[0.5, -1.0, 2.0]])  # one chain start, three draft positions
-    keep, stop = torch.sigmoid(keep_logits)[0], torch.sigmoid(-keep_logits)[0]
-    drafted = torch.tensor([[0, 1, 2, 3]])  # four rollouts
-    got = decision_log_prob(keep_logits, drafted, room=torch.tensor([3])).exp()[0]
-    expected = [stop[0], keep[0] * stop[1], keep[0] * keep[1] * stop[2], keep[0] * keep[1] * keep[2]]
+    go_logits = torch.tensor([[0.5, -1.0, 2.0]])  # one chain start; decision i: draft token i + 1?
+    go, stop = torch.sigmoid(go_logits)[0], torch.sigmoid(-go_logits)[0]
+    drafted = torch.tensor([[1, 2, 3]])  # three rollouts, with room for 3 tokens
+    got = decision_log_prob(go_logits, drafted, room=torch.tensor([3])).exp()[0]
+    expected = [stop[0], go[0] * stop[1], go[0] * go[1]]  # the third ends the chain: no stop decision
     torch.testing.assert_close(got, torch.stack(expected))
-    # a chain with room for one token: keeping it ends the chain, with no stop decision after it
-    short = decision_log_prob(keep_logits, torch.tensor([[1]]), room=torch.tensor([1])).exp()
-    torch.testing.assert_close(short[0, 0], keep[0])
+    # a chain with room for one token: it drafts that token and decides nothing
+    short = decision_log_prob(go_logits, torch.tensor([[1]]), room=torch.tensor([1])).exp()
+    assert short.item() == 1.0
 
 
 def test_the_clipped_surrogate_on_hand_made_ratios() -> None:
@@ -86,11 +88,11 @@ def _grid(accepts: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_window_rl_rewards_rollouts_by_the_measured_cost_of_their_steps() -> None:
-    # chain 0 accepts its first two drafts, chain 1 none; a policy that always keeps (huge acceptance
-    # logits, threshold 1e-6) drafts all 3 and a policy that never keeps drafts none, in every rollout
+    # chain 0 accepts its first two drafts, chain 1 none; a policy that always goes on (huge acceptance
+    # logits, threshold 1e-6) drafts all 3 and one that never does drafts 1, in every rollout
     mask, accept = _grid([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
     costs = COSTS
-    for logit, drafted, accepted in ((50.0, 3, [2, 0]), (-50.0, 0, [0, 0])):
+    for logit, drafted, accepted in ((50.0, 3, [2, 0]), (-50.0, 1, [1, 0])):
         logits = torch.full_like(accept, logit, requires_grad=True)
         output = window_rl_loss(
             window_logits=logits,
@@ -111,7 +113,7 @@ def test_window_rl_rewards_rollouts_by_the_measured_cost_of_their_steps() -> Non
 
 
 def test_window_rl_moves_the_policy_towards_the_faster_window() -> None:
-    # every chain accepts all 3 drafts: drafting more is always faster, so the gradient raises the keep logits
+    # every chain accepts all 3 drafts: drafting more is always faster, so the gradient raises the go-on logits
     mask, accept = _grid([[1.0, 1.0, 1.0]] * 16)
     torch.manual_seed(0)
     logits = torch.zeros_like(accept, requires_grad=True)
@@ -128,7 +130,7 @@ def test_window_rl_moves_the_policy_towards_the_faster_window() -> None:
     )
     output.loss.backward()
     assert logits.grad.sum() < 0 and threshold.grad > 0  # descent raises acceptance logits and lowers h
-    assert 0 < output.metrics["drafted"].item() < 3
+    assert 1 < output.metrics["drafted"].item() < 3
 
 
 def test_eagle3s_window_inputs_against_a_slow_loop_over_a_tiny_target() -> None:
@@ -205,7 +207,7 @@ def test_a_stop_head_then_rl_on_a_frozen_tiny_drafter_and_specdec_eval_serving_i
     )
     assert cli.eval_main(["recipe=tiny", f"run.dir={rl}", "eval.k=3", compare, f"eval.out={rl}/compare.json"]) == 0
     rows = json.loads((rl / "compare.json").read_text())
-    assert rows["strict"]["drafted_histogram"][1:] == [0] * (len(rows["strict"]["drafted_histogram"]) - 1)
+    assert rows["strict"]["drafted_histogram"][1] == rows["strict"]["verify_steps"]  # h = 1: one token every step
     assert rows["fixed"]["drafted_per_step"] == 2 and rows["lookup"]["window"] == "fixed"
     assert all(row["greedy_matches_target"] == 1 for row in rows.values())
     assert "learned window" in capsys.readouterr().out
@@ -219,3 +221,16 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(directory / "model.safetensors")
+
+
+def test_recorded_step_costs_that_do_not_cover_the_runs_k_are_refused(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from specdec.trainer.train import measured_costs
+
+    (tmp_path / "window_costs.json").write_text(json.dumps({"verify": [0.04, 0.041, 0.042], "draft_per_token": 0.002}))
+    cfg = SimpleNamespace(eval=SimpleNamespace(k=2), draft=SimpleNamespace(unroll_steps=2))
+    assert measured_costs(tmp_path, None, None, [], cfg, set()).verify == [0.04, 0.041, 0.042]  # read back
+    cfg.eval.k = 4
+    with pytest.raises(ValueError, match="window_costs.json: the recorded step costs cover windows up to 2"):
+        measured_costs(tmp_path, None, None, [], cfg, set())

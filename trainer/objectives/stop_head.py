@@ -29,7 +29,7 @@ class StopHeadConfig:
     weight: float = 1.0
     reject_weight: float = 6.0  # w_mis of SpecDec++
     labels: str = "soft"  # soft: min(1, p/q) (SpecDec++); greedy: greedy verification's verdict
-    # h of the stop rule saved with the head (keep draft token i while P_i >= h); window_rl learns it
+    # h of the stop rule saved with the head (draft token i + 1 while P_i >= h); window_rl learns it
     threshold: float = 0.3
 
 
