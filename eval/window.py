@@ -92,10 +92,6 @@ class WindowHead(nn.Module):
         x = self.hidden_proj(self.norm(hidden.to(dtype))) + self.stats_proj(stats.to(dtype)) + self.step_embed(step)
         return self.mlp(x)[..., 0]
 
-    def go_on_logits(self, log_all_accepted: torch.Tensor) -> torch.Tensor:
-        """Logits of the stochastic go-on decision from log P_i: (log P_i - log h) / temperature."""
-        return (log_all_accepted - self.log_threshold) / self.cfg.temperature
-
 
 class LearnedWindow:
     """The engine's side of a WindowHead: the threshold rule on the running product P_i, per row."""

@@ -115,8 +115,9 @@ class EvalConfig:
     # the zero-training baseline measured beside the drafter in the training report and specdec-eval:
     # prompt lookup (n-gram) drafting, as transformers' prompt_lookup_num_tokens; 0 = not measured
     ngram: int = 2
-    # the hybrid: n-gram lookup drafts where it finds a draft, the drafter elsewhere (an EAGLE-3 chain,
-    # windowed or not); for the trained drafter of the training report and specdec-eval's rows
+    # the hybrid: n-gram lookup drafts (up to 8, as the lookup row) where it finds a draft, the drafter
+    # elsewhere (an EAGLE-3 or CTC chain of up to k, windowed or not); for the trained drafter of the
+    # training report and specdec-eval's chain rows
     ngram_first: bool = False
     # benches the training report also measures (the trained drafter beside the n-gram baseline)
     extra_benches: list[str] = field(default_factory=list)
