@@ -428,12 +428,12 @@ def train(
         }
         for bench, bench_prompts in benches.items():
             rows = sessions if bench == cfg.eval.bench else {"trained": sessions["trained"]}
-            configs = {}
+            configs, lookup_spec = {}, replace(spec, k=max(spec.k, NGRAM_K), tree_width=1)
             if cfg.eval.ngram_first:  # lookup drafts as far as the n-gram row does, the drafter up to eval.k
-                configs["trained"] = replace(spec, k=max(spec.k, NGRAM_K), tree_width=1)
+                configs["trained"] = lookup_spec
             if cfg.eval.ngram:
                 rows = rows | {"ngram": ngram_drafter(cfg, target, eos)}
-                configs["ngram"] = replace(spec, k=max(spec.k, NGRAM_K), tree_width=1)
+                configs["ngram"] = lookup_spec
             with full_weights(trainer, module):  # every rank decodes its share of the prompts
                 measured_bench = evaluate_drafters(
                     target.model,
