@@ -154,7 +154,14 @@ def _from_pretrained(load, source: _Source, cfg: TargetConfig, key: str, **kwarg
 
 def load_tokenizer(cfg: TargetConfig, *, key: str = "target.path") -> PreTrainedTokenizerBase:
     """The tokenizer of a reference alone; `key` is the recipe key named in errors."""
-    return _from_pretrained(AutoTokenizer.from_pretrained, _source(cfg, key), cfg, key)
+    try:
+        return _from_pretrained(AutoTokenizer.from_pretrained, _source(cfg, key), cfg, key)
+    except ValueError as error:  # transformers' word for "no tokenizer files here"
+        raise TargetLoadError(
+            f"{key}={cfg.path}: no tokenizer loads from it ({str(error).splitlines()[0]}). A directory needs its "
+            "tokenizer files (tokenizer.json, tokenizer_config.json): a drafter directory saved by specdec-train "
+            "holds none, its export (specdec-export, run.dir/export) does; or give the model it was trained from."
+        ) from error
 
 
 def load_target_config(cfg: TargetConfig, *, key: str = "target.path") -> PretrainedConfig:

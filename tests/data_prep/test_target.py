@@ -11,6 +11,7 @@ from specdec.data_prep import (
     asset_path,
     check_same_tokenizer,
     load_target,
+    load_tokenizer,
 )
 from tests.conftest import TINY_WORDS, make_tiny_llama, make_tiny_tokenizer
 
@@ -34,6 +35,12 @@ def test_dtype_is_applied(tiny_llama_dir: Path) -> None:
 def test_missing_local_path_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"target.path=\S+/nope does not exist"):
         load_target(TargetConfig(path=str(tmp_path / "nope")))
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused_with_the_key_and_where_they_are(tmp_path: Path) -> None:
+    make_tiny_llama().save_pretrained(tmp_path)  # what specdec-train saves as a PARD drafter: no tokenizer
+    with pytest.raises(TargetLoadError, match=r"draft.init=\S+: no tokenizer loads from it .* its export"):
+        load_tokenizer(TargetConfig(path=str(tmp_path)), key="draft.init")
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
