@@ -4,9 +4,11 @@ One loop serves every use: `specdec-eval`, the training-time eval hook and the b
 drafter it is plain autoregressive decoding on the same code path (the baseline of every speedup).
 Prompts are batched with left padding; rows finish at different times and leave the batch. Drafts
 are chains, whose length may differ per row and step (`ChainProposal.lengths`), or trees of any
-shape (`DraftTree`). Per verify step it records, per row, how many tokens were drafted and how many
-accepted drafts the output keeps (none past EOS or max_new_tokens), and for the batch the time spent
-drafting and verifying (CUDA synchronised before each clock read).
+shape (`DraftTree`), which the engine can cut per row to the nodes the drafter is confident in
+(EAGLE-2's dynamic tree, `cfg.tree_min_confidence`; the drafter still sees its whole tree). Per
+verify step it records, per row, how many tokens were drafted and how many accepted drafts the
+output keeps (none past EOS or max_new_tokens), and for the batch the time spent drafting and
+verifying (CUDA synchronised before each clock read).
 """
 
 import time
@@ -18,7 +20,14 @@ from transformers import DynamicCache, PreTrainedModel
 from specdec.data_prep.padding import pad
 from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal, Drafter
-from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, verify_tree_greedy, verify_tree_sampled
+from specdec.eval.tree import (
+    DraftTree,
+    ancestor_mask,
+    block_offsets,
+    prune_tree,
+    verify_tree_greedy,
+    verify_tree_sampled,
+)
 from specdec.eval.verify import Sampling, to_probs, verify_chain_greedy, verify_chain_sampled
 
 
@@ -26,6 +35,9 @@ from specdec.eval.verify import Sampling, to_probs, verify_chain_greedy, verify_
 class SpecConfig:
     k: int = 4  # drafted tokens per verify step: chain length, or tree depth
     tree_width: int = 1  # 1 = a chain; W > 1 = a tree of k levels of W nodes
+    # a tree keeps the nodes whose path the drafter gives at least this probability (EAGLE-2's dynamic
+    # tree, `prune_tree`); 0 keeps every node
+    tree_min_confidence: float = 0.0
     max_new_tokens: int = 128
     sampling: Sampling = field(default_factory=Sampling)
 
@@ -78,6 +90,27 @@ class _Block:
     drafted: torch.Tensor  # [B] int64: drafted tokens per row
     chain: ChainProposal | None
     tree: DraftTree | None
+    # a pruned tree: the drafter's whole tree, and each verified node's index in it [B, N']
+    drafted_tree: DraftTree | None = None
+    tree_nodes: torch.Tensor | None = None
+
+    def for_drafter(self, kept: list[list[int]], hidden: torch.Tensor | None):
+        """(block, kept offsets, target states) as the drafter proposed them: a pruned tree's verified
+        nodes put back at their places in its whole tree (entries it dropped are never kept)."""
+        if self.tree_nodes is None:
+            return self.tokens, kept, hidden
+        nodes = self.tree_nodes.tolist()
+        kept = [[0] + [1 + nodes[row][offset - 1] for offset in offsets[1:]] for row, offsets in enumerate(kept)]
+        tokens = torch.cat([self.tokens[:, :1], self.drafted_tree.tokens], dim=1)
+        if hidden is None:
+            return tokens, kept, None
+        batch, size = self.tree_nodes.shape
+        real = torch.arange(size, device=hidden.device) < self.drafted[:, None]
+        places = torch.where(real, 1 + self.tree_nodes, tokens.shape[1])  # padding copies go to a spare entry
+        full = hidden.new_zeros(batch, tokens.shape[1] + 1, *hidden.shape[2:])
+        full[:, 0] = hidden[:, 0]
+        full[torch.arange(batch, device=hidden.device)[:, None], places] = hidden[:, 1:]
+        return tokens, kept, full[:, :-1]
 
 
 def _draft(drafter: Drafter | None, pending: torch.Tensor, state: _TargetState, cfg: SpecConfig, generator) -> _Block:
@@ -96,11 +129,20 @@ def _draft(drafter: Drafter | None, pending: torch.Tensor, state: _TargetState, 
         # from every entry before them), never accepted, and dropped from the cache at rollback
         offsets = torch.arange(tokens.shape[1], device=device)
         return _Block(tokens, offsets, kv.block_mask(state.mask, tokens.shape[1]), drafted, chain, None)
-    tree = drafter.propose_tree(pending, cfg.k, cfg.tree_width)
+    tree = drafted_tree = drafter.propose_tree(pending, cfg.k, cfg.tree_width)
+    nodes = None
+    if cfg.tree_min_confidence > 0:
+        if drafted_tree.scores is None:
+            raise ValueError(
+                f"tree_min_confidence={cfg.tree_min_confidence}: {type(drafter).__name__} builds trees without "
+                "EAGLE-2's path scores (a CTC drafter's are beam paths), so there is nothing to size them by; "
+                "leave the threshold at 0 for it."
+            )
+        tree, nodes = prune_tree(drafted_tree, cfg.tree_min_confidence)
     tokens = torch.cat([pending[:, None], tree.tokens], dim=1)
     mask = kv.tree_attention_mask(state.mask, ancestor_mask(tree), state.model.dtype)
     drafted = tree.tokens.new_full(pending.shape, tree.tokens.shape[1]) if tree.sizes is None else tree.sizes
-    return _Block(tokens, block_offsets(tree), mask, drafted, None, tree)
+    return _Block(tokens, block_offsets(tree), mask, drafted, None, tree, drafted_tree, nodes)
 
 
 def _verify(logits: torch.Tensor, block: _Block, sampling: Sampling, generator):
@@ -192,7 +234,7 @@ def generate(
         state.mask = kv.keep_accepted(state.cache, state.mask, kept, block.tokens.shape[1])
         committing = _clock(device)
         if drafter is not None:
-            drafter.commit(block.tokens, kept, hidden)
+            drafter.commit(*block.for_drafter(kept, hidden))
         done = _clock(device)
         draft_time_s.append(verifying - drafting + done - committing)
         verify_time_s.append(committing - verifying)

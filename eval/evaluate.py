@@ -64,6 +64,7 @@ class EvalReport:
     drafted_histogram: list[int] = field(default_factory=list)
     verify_ms_by_drafted: dict[int, float] = field(default_factory=dict)
     draft_ms_by_drafted: dict[int, float] = field(default_factory=dict)
+    tree_min_confidence: float = 0.0  # a dynamic tree's threshold (EAGLE-2); 0 = the whole k x tree_width tree
 
 
 def write_reports(reports: dict[str, EvalReport], path: Path, title: str) -> None:
@@ -163,6 +164,7 @@ def _report(spec: Generation, baseline: Generation, cfg: SpecConfig, device: str
         verify_ms_total=verify_ms,
         k=cfg.k,
         tree_width=cfg.tree_width,
+        tree_min_confidence=cfg.tree_min_confidence,
         temperature=cfg.sampling.temperature,
         greedy_matches_target=matches,
         device=device,

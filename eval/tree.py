@@ -15,6 +15,7 @@ offsets and the attention mask both follow from the parents. Verification walks 
   (objectives.md section 5.2, the EAGLE rule for top-k children).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ class DraftTree:
     # [B] int64: a row's real nodes, the first sizes[b] (the others pad it to N and are never accepted);
     # None = N for every row
     sizes: torch.Tensor | None = None
+    # [B, N] float: EAGLE-2's score of each node, the summed log q of its path (`expand_tree`); None
+    # when the drafter has no such score
+    scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2 or self.tokens.shape != self.parents.shape:
@@ -79,14 +83,53 @@ def expand_tree(
     the drafter's own vocabulary, in the tree and in what the callback receives."""
     batch, device = root_logprobs.shape[0], root_logprobs.device
     scores, tokens = root_logprobs.topk(width, dim=-1)  # [B, W]
-    all_tokens, all_parents = [tokens], [torch.full((batch, width), -1, device=device)]
+    all_tokens, all_parents, all_scores = [tokens], [torch.full((batch, width), -1, device=device)], [scores]
     for level in range(1, depth):
         tree = DraftTree(torch.cat(all_tokens, dim=1), torch.cat(all_parents, dim=1))
         child_scores, child_tokens = child_logprobs(tree).topk(width, dim=-1)  # [B, W, W]
         scores, best = (scores[:, :, None] + child_scores).flatten(1).topk(width, dim=-1)  # [B, W] of W*W
         all_tokens.append(child_tokens.flatten(1).gather(1, best))
         all_parents.append((level - 1) * width + best // width)  # frontier node index in the tree
-    return DraftTree(torch.cat(all_tokens, dim=1), torch.cat(all_parents, dim=1))
+        all_scores.append(scores)
+    return DraftTree(
+        torch.cat(all_tokens, dim=1), torch.cat(all_parents, dim=1), scores=torch.cat(all_scores, dim=1).float()
+    )
+
+
+def prune_tree(tree: DraftTree, min_confidence: float) -> tuple[DraftTree, torch.Tensor]:
+    """EAGLE-2's dynamic tree, sized per row by the drafter's confidence: keep the nodes whose path
+    confidence exp(score), the draft's probability of the whole path, is at least `min_confidence`
+    (and always the best child of the root, so that a step drafts something). A confident row keeps
+    a wide, deep tree, an unsure one a few nodes; the target verifies only what is kept. A node's
+    score is at most its parent's, so the kept nodes are a tree. Returns the pruned tree (rows padded
+    to its largest with copies of their last node, `sizes` their real counts) and, per kept node,
+    its index in `tree` [B, N']."""
+    if tree.scores is None:
+        raise ValueError("prune_tree: the tree has no scores (trees from expand_tree have them)")
+    keep = (
+        tree.scores >= math.log(min_confidence)
+        if min_confidence > 0
+        else torch.ones_like(tree.scores, dtype=torch.bool)
+    )
+    keep[:, 0] = True
+    rows = torch.arange(len(keep), device=keep.device)
+    for node in range(keep.shape[1]):  # parents come first: a node whose parent was dropped goes too
+        parent = tree.parents[:, node]
+        keep[:, node] &= (parent < 0) | keep[rows, parent.clamp(min=0)]
+    sizes = keep.sum(dim=1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept nodes first, in tree order
+    nodes = order[:, : int(sizes.max())]
+    nodes = torch.where(
+        torch.arange(nodes.shape[1], device=keep.device) < sizes[:, None], nodes, nodes.gather(1, sizes[:, None] - 1)
+    )
+    # where each kept node went (a row's last kept node, copied as padding, has no kept children)
+    new_index = torch.full_like(tree.parents, -1).scatter(
+        1, nodes, torch.arange(nodes.shape[1], device=keep.device).expand_as(nodes)
+    )
+    old_parents = tree.parents.gather(1, nodes)
+    parents = torch.where(old_parents < 0, old_parents, new_index.gather(1, old_parents.clamp(min=0)))
+    pruned = DraftTree(tree.tokens.gather(1, nodes), parents, sizes=sizes, scores=tree.scores.gather(1, nodes))
+    return pruned, nodes
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,20 @@ class FixedWindow:
         return torch.full((self.batch,), step + 1 < self.k, dtype=torch.bool, device=self.device)
 
 
+def chain_lengths(window: Window, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """How many of K tokens drafted in one forward a window keeps, per row [B] int64 in 1..K, from
+    the states that produced them (hidden [B, K, H], logits [B, K, V]): the decisions it would take
+    token by token, asked after the forward instead of between forwards."""
+    batch, k = logits.shape[:2]
+    window.start(batch, logits.device)
+    lengths = torch.ones(batch, dtype=torch.long, device=logits.device)
+    for step in range(k - 1):
+        lengths += window.go_on(step, hidden[:, step], logits[:, step]) & (lengths == step + 1)
+        if not (lengths > step + 1).any():
+            break
+    return lengths
+
+
 def logit_stats(logits: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [..., 2] float32: the top-1 probability and the entropy (nats) of softmax(logits)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -64,8 +64,9 @@ GROUPS = {
     "ddp, fsdp, deepspeed_stage_1/2/3 (and _2_offload, _3_offload)",
     "optim": "AdamW and its schedule: lr, schedule, warmup_steps, weight_decay",
     "eval": "tau by the verifier: drafter (or compare: rows of drafter (or ngram), untrained, mode, k, tree_width, "
-    "window, window_threshold), bench, num_prompts, max_new_tokens, k, tree_width, window (fixed, policy), ngram, "
-    "extra_benches, temperature, target_layers, out",
+    "tree_min_confidence, window, window_threshold), bench, num_prompts, max_new_tokens, k, tree_width, "
+    "tree_min_confidence (EAGLE-2's dynamic tree), window (fixed, policy), ngram, extra_benches, temperature, "
+    "target_layers, out",
     "export": "the exported drafter: format (sglang, speculators, hf), dir, drafter, base_model, reports, dtype, "
     "license; the push: push_to, private, revision, overwrite, dry_run",
     "run": "dir (everything of a run goes there), seed, checkpoint_every_n_steps, log_version (TensorBoard run)",
@@ -150,6 +151,11 @@ def _print_reports(reports: dict[str, EvalReport], bench: str) -> None:
         print(
             f"  {name:<{width}} tau {report.tau:.3f}  k={report.k}"
             + (f" tree_width={report.tree_width}" if report.tree_width > 1 else "")
+            + (
+                f" dynamic (min confidence {report.tree_min_confidence:g}, {report.drafted_per_step:.2f} nodes/step)"
+                if report.tree_min_confidence > 0 and report.tree_width > 1
+                else ""
+            )
             + (f" {report.mode}" if report.mode else "")
             + (f" learned window, {report.drafted_per_step:.2f} drafted/step" if report.window == "policy" else "")
             + ", accepted per position "
@@ -297,6 +303,11 @@ def _check_rows(rows: list[tuple[str, CompareConfig]], window: str = "fixed") ->
             problems.append(f"{key}.k: {row.k}; expected null (eval.k) or at least one draft token")
         if row.tree_width is not None and row.tree_width < 1:
             problems.append(f"{key}.tree_width: {row.tree_width}; expected null (eval.tree_width), 1 or more")
+        if row.tree_min_confidence is not None and not 0 <= row.tree_min_confidence < 1:
+            problems.append(
+                f"{key}.tree_min_confidence: {row.tree_min_confidence}; expected a probability in [0, 1) "
+                "(0 keeps the whole tree)"
+            )
         problems += _window_problems(key, row, window)
         if row.ngram_first and (row.drafter == NGRAM or (row.tree_width or 1) > 1 or row.mode is not None):
             problems.append(
@@ -420,9 +431,19 @@ def _eval(cfg: SpecdecConfig) -> None:
             prompts,
             cfg=spec,
             configs={
-                row.name: replace(spec, k=_engine_k(row, cfg), tree_width=row.tree_width or spec.tree_width)
+                row.name: replace(
+                    spec,
+                    k=_engine_k(row, cfg),
+                    tree_width=row.tree_width or spec.tree_width,
+                    tree_min_confidence=(
+                        spec.tree_min_confidence if row.tree_min_confidence is None else row.tree_min_confidence
+                    ),
+                )
                 for _, row in rows
-                if row.k is not None or row.tree_width is not None or _ngram_first(row, cfg)
+                if row.k is not None
+                or row.tree_width is not None
+                or row.tree_min_confidence is not None
+                or _ngram_first(row, cfg)
             },
             eos_token_ids=eos_token_ids(target),
             batch_size=cfg.eval.batch_size,

@@ -92,6 +92,7 @@ class CompareConfig:
     mode: str | None = None  # a serving mode of the drafter's kind (its `modes`); None = its default session
     k: int | None = None  # draft tokens per verify step (a tree's depth); None = eval.k
     tree_width: int | None = None  # 1 = a chain, W > 1 = a tree; None = eval.tree_width
+    tree_min_confidence: float | None = None  # a tree's dynamic size; None = eval.tree_min_confidence
     window: str | None = None  # fixed | policy (k is then the most it drafts); None = eval.window
     window_threshold: float | None = None  # the policy's h instead of the one it was trained with
     ngram_first: bool | None = None  # the hybrid: n-gram lookup where it finds a draft, this drafter elsewhere
@@ -109,6 +110,10 @@ class EvalConfig:
     max_new_tokens: int = 128
     k: int = 4  # draft tokens per verify step (the depth of a tree)
     tree_width: int = 1  # 1 = chain drafts; W > 1 = trees of k levels of W nodes (EAGLE-style top-k)
+    # EAGLE-2's dynamic tree: keep the nodes whose path the drafter gives at least this probability
+    # (the best one always), so each row and step verifies a tree sized by the drafter's confidence;
+    # 0 = every node of the k x tree_width tree
+    tree_min_confidence: float = 0.0
     # fixed: every chain has k tokens; policy: the drafter's learned stop policy (saved beside it by a
     # run with objective.stop_head or window_rl) drafts up to k, per row and step
     window: str = "fixed"
@@ -246,6 +251,7 @@ _RANGES = [
     ("eval.hook_num_prompts", lambda v: v >= 1, "at least one prompt"),
     ("run.checkpoint_every_n_steps", lambda v: v >= 1, "at least 1"),
     ("eval.tree_width", lambda v: v >= 1, "1 (a chain) or more"),
+    ("eval.tree_min_confidence", lambda v: 0 <= v < 1, "a probability in [0, 1): 0 keeps the whole tree"),
     ("eval.top_p", lambda v: 0 < v <= 1, "a probability in (0, 1]"),
     ("eval.batch_size", lambda v: v >= 1, "at least one prompt"),
     ("eval.max_new_tokens", lambda v: v >= 1, "at least one token"),

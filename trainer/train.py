@@ -26,6 +26,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 
 from specdec.data_prep import (
     HiddenStateCache,
@@ -105,6 +106,7 @@ def spec_config(cfg: SpecdecConfig) -> SpecConfig:
     return SpecConfig(
         k=cfg.eval.k,
         tree_width=cfg.eval.tree_width,
+        tree_min_confidence=cfg.eval.tree_min_confidence,
         max_new_tokens=cfg.eval.max_new_tokens,
         sampling=Sampling(cfg.eval.temperature, cfg.eval.top_p),
     )
@@ -185,9 +187,10 @@ def draft_from_checkpoint(
     return draft
 
 
-def window_head(cfg: SpecdecConfig, target: Target) -> WindowHead | None:
+def window_head(cfg: SpecdecConfig, target: Target, draft: nn.Module) -> WindowHead | None:
     """The window policy's head when an objective trains it: the one saved beside draft.start (a
-    supervised start for RL), else a fresh one with objective.stop_head's threshold."""
+    supervised start for RL), else a fresh one with objective.stop_head's threshold, reading the
+    drafter's hidden state (the target's size for EAGLE-3, the draft model's for PARD)."""
     if not any(set(OBJECTIVES[name].inputs) & WINDOW_POLICY_INPUTS for name in cfg.objective):
         return None
     start = getattr(cfg.draft, "start", None)
@@ -196,7 +199,8 @@ def window_head(cfg: SpecdecConfig, target: Target) -> WindowHead | None:
         return load_window_head(start).train()
     threshold = cfg.objective["stop_head"].threshold if "stop_head" in cfg.objective else 0.5
     torch.manual_seed(cfg.run.seed)
-    config = WindowHeadConfig(hidden_size=target.model.config.hidden_size, threshold=threshold)
+    hidden_size = getattr(getattr(draft, "config", None), "hidden_size", target.model.config.hidden_size)
+    config = WindowHeadConfig(hidden_size=hidden_size, threshold=threshold)
     return WindowHead(config)
 
 
@@ -210,18 +214,23 @@ def ngram_drafter(cfg: SpecdecConfig, target: Target, eos: set[int]) -> NgramDra
     return NgramDrafter(vocab_size, max_ngram=cfg.eval.ngram, eos_token_ids=eos)
 
 
+def draft_steps(cfg: SpecdecConfig) -> int:
+    """The draft tokens per chain a recipe trains: EAGLE-3's unrolled steps, PARD's blocks."""
+    return getattr(cfg.draft, "unroll_steps", None) or getattr(cfg.draft, "k", None) or cfg.eval.k
+
+
 def measured_costs(run_dir: Path, target: Target, session, prompts, cfg: SpecdecConfig, eos: set[int]) -> MeasuredCosts:
     """What a verify step costs on this machine (specdec.eval.calibrate), recorded in
     run.dir/window_costs.json; a resumed run reads them back, so its reward stays the same."""
     path = run_dir / "window_costs.json"
-    max_k = max(cfg.eval.k, getattr(cfg.draft, "unroll_steps", cfg.eval.k))
+    max_k = max(cfg.eval.k, draft_steps(cfg))
     if path.is_file():
         recorded = MeasuredCosts(**{k: v for k, v in json.loads(path.read_text()).items() if k != "source"})
         if len(recorded.verify) < max_k + 1:
             raise ValueError(
                 f"{path}: the recorded step costs cover windows up to {len(recorded.verify) - 1} tokens, and this "
-                f"run drafts up to {max_k} (eval.k, draft.unroll_steps). Delete the file to measure them again "
-                "(the reward changes, so start the RL run over), or keep the run's K."
+                f"run drafts up to {max_k} (eval.k, draft.unroll_steps or draft.k). Delete the file to measure them "
+                "again (the reward changes, so start the RL run over), or keep the run's K."
             )
         return recorded
     costs = calibrate_costs(
@@ -281,7 +290,7 @@ def train(
     untrained = kind.serving_copy(draft, target.model.dtype)  # its start, kept before any step changes it
     online = cfg.cache.online and bool(layers)
     shards = cfg.trainer.strategy in SHARDS_PARAMETERS
-    window = window_head(cfg, target)
+    window = window_head(cfg, target, draft)
     module = DrafterModule(
         draft,
         kind=kind,

@@ -4,7 +4,9 @@ follows the target's: right-aligned rows, rolled back to the accepted path after
 
 Drafting K tokens takes K forwards: the last draft is never fed. When the verifier accepts it,
 it "lags": the next step's first forward feeds it together with the new pending token (rows
-without a lagging token get a masked slot there, dropped at commit).
+without a lagging token get a masked slot there, dropped at commit). With a window
+(specdec.eval.window) a row's chain ends at its window's first "stop", read from the model's final
+hidden state and logits after each draft token, and drafting ends once every row has stopped.
 """
 
 import torch
@@ -14,30 +16,43 @@ from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal
 from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, expand_tree
 from specdec.eval.verify import Sampling, to_probs
+from specdec.eval.window import Window
 
 
 class CausalLMDrafter:
     target_layers: tuple[int, ...] = ()
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, window: Window | None = None) -> None:
         self.model = model.eval()
+        self.window = window  # None: every chain has the k tokens asked for
 
     def _forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None, logits_to_keep: int = 0
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, n, V] of `tokens` [B, n] appended to the cache at positions valid + offsets
-        (the last `logits_to_keep` positions only, if set)."""
+        (the last `logits_to_keep` positions only, if set), and the final hidden state of the last
+        position [B, H] when a window reads it."""
         with torch.inference_mode():
-            output = kv.append(self.model, self.cache, self.mask, tokens, offsets, mask, logits_to_keep=logits_to_keep)
-        return output.logits
+            output = kv.append(
+                self.model,
+                self.cache,
+                self.mask,
+                tokens,
+                offsets,
+                mask,
+                logits_to_keep=logits_to_keep,
+                output_hidden_states=self.window is not None,
+            )
+        return output.logits, output.hidden_states[-1][:, -1] if self.window is not None else None
 
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
         self.cache, self.mask = kv.prefill(self.model, input_ids, attention_mask), attention_mask
         self.lagging = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         self.lag_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
 
-    def _feed_pending(self, pending: torch.Tensor) -> torch.Tensor:
-        """First forward of a step: [lag slot,] pending. Returns the pending token's logits [B, V]."""
+    def _feed_pending(self, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """First forward of a step: [lag slot,] pending. Returns the pending token's logits [B, V]
+        (and final hidden state [B, H] when a window reads it)."""
         self.slot = bool(self.lagging.any())
         self.past = torch.cat([self.mask, self.lagging[:, None].to(self.mask.dtype)], dim=1) if self.slot else self.mask
         base = self.lagging.long()[:, None]  # the pending token sits one further when a lagging token precedes it
@@ -47,13 +62,17 @@ class CausalLMDrafter:
         else:
             tokens, offsets = pending[:, None], base
         mask = torch.cat([self.past, torch.ones_like(pending)[:, None].to(self.mask.dtype)], dim=1)
-        return self._forward(tokens, offsets, kv.unless_all_visible(mask), 1)[:, -1]
+        logits, hidden = self._forward(tokens, offsets, kv.unless_all_visible(mask), 1)
+        return logits[:, -1], hidden
 
     def propose_chain(
         self, pending: torch.Tensor, k: int, sampling: Sampling, generator: torch.Generator | None
     ) -> ChainProposal:
-        logits = self._feed_pending(pending)
+        logits, hidden = self._feed_pending(pending)
         base = self.lagging.long()[:, None]
+        if self.window is not None:
+            self.window.start(len(pending), pending.device)
+        lengths = torch.ones_like(pending)
         tokens, probs = [], []
         for step in range(1, k + 1):
             if sampling.greedy:
@@ -64,20 +83,30 @@ class CausalLMDrafter:
             tokens.append(current)
             if step == k:
                 break  # d_K is fed next step, if accepted
+            if self.window is not None:  # a row's chain ends at its window's first "stop"
+                lengths += self.window.go_on(step - 1, hidden, logits) & (lengths == step)
+                if not (lengths > step).any():
+                    break  # the last draft is fed next step, as d_K is
             mask = torch.cat([self.past, self.past.new_ones(len(pending), step + 1)], dim=1)
-            logits = self._forward(current, base + step, kv.unless_all_visible(mask))[:, -1]
-        self.block_size = int(self.slot) + k  # [lag slot,] pending, d_1 .. d_{K-1}
-        self.unfed_from = k  # target-block offsets >= this are not in the cache
-        return ChainProposal(torch.cat(tokens, dim=1), torch.stack(probs, dim=1) if probs else None)
+            logits, hidden = self._forward(current, base + step, kv.unless_all_visible(mask))
+            logits = logits[:, -1]
+        drafted = len(tokens)  # the longest row's chain
+        self.block_size = int(self.slot) + drafted  # [lag slot,] pending, d_1 .. d_{n-1}
+        self.unfed_from = drafted  # target-block offsets >= this are not in the cache
+        return ChainProposal(
+            torch.cat(tokens, dim=1),
+            torch.stack(probs, dim=1) if probs else None,
+            lengths if self.window is not None else None,
+        )
 
     def propose_tree(self, pending: torch.Tensor, depth: int, width: int) -> DraftTree:
-        root = torch.log_softmax(self._feed_pending(pending).float(), dim=-1)
+        root = torch.log_softmax(self._feed_pending(pending)[0].float(), dim=-1)
         base = self.lagging.long()[:, None]
 
         def child_logprobs(tree: DraftTree) -> torch.Tensor:
             """Feed the frontier (the last W nodes) under the tree mask; their children's log q [B, W, V]."""
             mask = kv.tree_attention_mask(self.past, ancestor_mask(tree)[:, -width:], self.model.dtype)
-            logits = self._forward(tree.tokens[:, -width:], base + block_offsets(tree)[:, -width:], mask)
+            logits, _ = self._forward(tree.tokens[:, -width:], base + block_offsets(tree)[:, -width:], mask)
             return torch.log_softmax(logits.float(), dim=-1)
 
         tree = expand_tree(root, child_logprobs, depth=depth, width=width)

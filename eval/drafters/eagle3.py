@@ -289,7 +289,8 @@ class Eagle3Drafter:
         if feature is None:  # nothing to draft from: a tree of repeats, as the chain does
             tokens = pending[:, None].expand(-1, depth * width)
             parents = torch.arange(-width, (depth - 1) * width, device=device).clamp(min=-1).expand(batch, -1)
-            return DraftTree(tokens, parents)
+            scores = torch.full(tokens.shape, -math.inf, device=device)  # a guess: a dynamic tree keeps node 0 alone
+            return DraftTree(tokens, parents, scores=scores.index_fill(1, torch.tensor([0], device=device), 0.0))
         outputs = [feature]  # [B, n, H] blocks: the root's output, then each fed level's, in node order
 
         def child_logprobs(tree: DraftTree) -> torch.Tensor:
@@ -305,7 +306,7 @@ class Eagle3Drafter:
 
         root = torch.log_softmax(self.model.logits(feature)[:, -1].float(), dim=-1)
         tree = expand_tree(root, child_logprobs, depth=depth, width=width)
-        return DraftTree(self._target_ids(tree.tokens), tree.parents)
+        return DraftTree(self._target_ids(tree.tokens), tree.parents, scores=tree.scores)
 
     def commit(self, block: torch.Tensor, kept: list[list[int]], target_hidden: torch.Tensor | None) -> None:
         # Drop the draft's own entries; queue the target's features of the accepted tokens. A step that

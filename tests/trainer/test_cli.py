@@ -267,16 +267,19 @@ def test_eval_compare_measures_each_row_at_its_own_k_against_one_baseline(
     monkeypatch.setitem(DRAFTERS, "eagle3", counted)
     rows = (
         f"[{{name: trained, drafter: {tiny_eagle3_dir}, k: 2}}, {{name: start, drafter: {tiny_eagle3_dir}, "
-        f"untrained: true, k: 3, tree_width: 2}}, {{name: trained-chain, drafter: {tiny_eagle3_dir}, mode: chain}}]"
+        f"untrained: true, k: 3, tree_width: 2}}, {{name: trained-chain, drafter: {tiny_eagle3_dir}, mode: chain}}, "
+        f"{{name: dynamic, drafter: {tiny_eagle3_dir}, k: 3, tree_width: 3, tree_min_confidence: 0.5}}]"
     )
     argv = ["recipe=tiny", f"run.dir={tmp_path}", "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.k=4"]
     assert cli.eval_main([*argv, f"eval.compare={rows}"]) == 0
     assert calls == ["load", "untrained_like", "chain"]
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert list(report) == ["trained", "start", "trained-chain"]
-    assert [row["k"] for row in report.values()] == [2, 3, 4]  # a row without k takes eval.k
-    assert [row["tree_width"] for row in report.values()] == [1, 2, 1]  # and eval.tree_width
-    assert [len(row["accept_rate_per_pos"]) for row in report.values()] == [2, 3, 4]
+    assert list(report) == ["trained", "start", "trained-chain", "dynamic"]
+    assert [row["k"] for row in report.values()] == [2, 3, 4, 3]  # a row without k takes eval.k
+    assert [row["tree_width"] for row in report.values()] == [1, 2, 1, 3]  # and eval.tree_width
+    assert [row["tree_min_confidence"] for row in report.values()] == [0, 0, 0, 0.5]
+    assert report["dynamic"]["drafted_per_step"] < 9  # sized by the drafter's confidence, not 3 x 3
+    assert [len(row["accept_rate_per_pos"]) for row in report.values()] == [2, 3, 4, 3]
     assert len({row["ar_tokens_per_s"] for row in report.values()}) == 1  # one shared baseline
     assert all(row["greedy_matches_target"] == 1.0 for row in report.values())
     lines = capsys.readouterr().out.splitlines()
@@ -287,7 +290,8 @@ def test_eval_compare_measures_each_row_at_its_own_k_against_one_baseline(
         ["k=4", "chain,"],
     ]
     assert lines[3].split()[4] == "tree_width=2,"  # printed for a tree only
-    assert all(" ms/step" in line for line in lines[2:5])
+    assert lines[5].split()[4:8] == ["tree_width=3", "dynamic", "(min", "confidence"]
+    assert all(" ms/step" in line for line in lines[2:6])
 
 
 def test_eval_compare_refuses_bad_rows_in_one_message_before_loading_anything(
@@ -296,7 +300,7 @@ def test_eval_compare_refuses_bad_rows_in_one_message_before_loading_anything(
     lm = tmp_path / "some-lm"  # not a saved drafter: read as a causal LM
     rows = (
         f"[{{name: a, drafter: {tiny_eagle3_dir}}}, "
-        f"{{name: a, drafter: {tiny_eagle3_dir}, mode: parallel, k: 0, tree_width: 0}}, "
+        f"{{name: a, drafter: {tiny_eagle3_dir}, mode: parallel, k: 0, tree_width: 0, tree_min_confidence: 1}}, "
         f"{{name: c, drafter: {lm}, untrained: true, mode: parallel}}]"
     )
     assert cli.eval_main(["recipe=tiny", f"run.dir={tmp_path}", f"eval.compare={rows}"]) == 2
@@ -304,6 +308,7 @@ def test_eval_compare_refuses_bad_rows_in_one_message_before_loading_anything(
     assert err.count("\n") == 1 and err.startswith("specdec-eval: eval.compare[1].name: 'a' is also the name of ")
     assert "eval.compare[1].k: 0; expected null (eval.k) or at least one draft token" in err
     assert "eval.compare[1].tree_width: 0; expected null (eval.tree_width), 1 or more" in err
+    assert "eval.compare[1].tree_min_confidence: 1.0; expected a probability in [0, 1)" in err
     assert (
         f"eval.compare[1].mode: 'parallel' is not a serving mode of the eagle3 drafter in {tiny_eagle3_dir}; "
         "choose null (its default session)"

@@ -178,6 +178,39 @@ def test_draft_logits_at_each_counted_place_equal_a_plain_forward_of_prefix_and_
     assert {b for b, _, _ in places} == {0, 1}
 
 
+def test_window_inputs_at_each_place_are_what_the_serving_window_reads_and_the_verifiers_verdict() -> None:
+    """A window recipe keeps every block (r = r_min = 1), so each chain is whole. At (i, t) the window
+    sees the draft's final hidden state and logits after x_0 .. x_{t-i} and i masks, as PardDrafter
+    reads them after its forward; the greedy verdict is argmax q = argmax p, the soft one min(1, p/q)."""
+    batch, hidden, cfg = _batch(), 16, replace(CFG, r=1.0, r_min=1.0)
+    generator = torch.Generator().manual_seed(7)
+    target_hidden = torch.randn(2, batch["input_ids"].shape[1], 1, hidden, generator=generator)
+    lm_head = torch.randn(64, hidden, generator=generator)
+    draft = _draft()
+    with torch.no_grad():
+        inputs = training_inputs(draft, batch, target_hidden, lm_head, cfg, frozenset({"window_hidden"}))
+    places = _places(inputs["loss_mask"])
+    assert torch.equal(inputs["window_mask"], inputs["loss_mask"])
+    time = batch["input_ids"].shape[1]
+    for i in range(cfg.k):  # whole chains: step i after x_n counts wherever x_{n+i+1} is an answer token
+        assert torch.equal(inputs["loss_mask"][:, i, : time - 1 - i], batch["loss_mask"][:, i + 1 :].bool())
+    probs = torch.softmax(target_hidden[:, :, 0].double() @ lm_head.double().T, dim=-1)
+    for n, (b, i, t) in enumerate(places):
+        context = batch["input_ids"][b, : t - i + 1].tolist() + [MASK] * i
+        with torch.no_grad():
+            output = draft(torch.tensor([context]), output_hidden_states=True)
+        served_hidden = output.hidden_states[-1][0, -1]
+        torch.testing.assert_close(inputs["window_hidden"][n], served_hidden, atol=LOGITS_ATOL, rtol=0)
+        q = torch.softmax(output.logits[0, -1].double(), dim=-1)
+        token = int(q.argmax())
+        assert inputs["window_step"][n] == i
+        assert inputs["window_accept"][n] == float(int(probs[b, t].argmax()) == token)
+        expected_soft = min(1.0, probs[b, t, token].item() / q[token].item())
+        assert inputs["window_accept_soft"][n].item() == pytest.approx(expected_soft, rel=1e-3)
+        torch.testing.assert_close(inputs["window_stats"][n, 0].double(), q.max(), rtol=1e-4, atol=1e-5)
+    assert 0 < inputs["window_accept"].sum() < len(places)  # both verdicts occur
+
+
 # ---- the objectives and PARD-2's gold weights against slow loops ----
 
 
@@ -451,3 +484,45 @@ def test_only_an_objective_that_takes_the_teacher_makes_pard_read_the_target(obj
     cfg = compose_recipe("pard_smollm2", overrides)
     target = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(num_hidden_layers=30)))
     assert target_layers(cfg, target) == (layers, ())
+
+
+@pytest.mark.slow
+def test_pard_smollm2_window_trains_a_window_head_on_a_frozen_pard_drafter_and_serves_it(tmp_path: Path) -> None:
+    """recipe=pard_smollm2_window as written (a saved PARD drafter frozen, K=8 with every block kept,
+    stop_head on greedy verdicts, eval.window=policy), on tiny models: the draft is narrower than the
+    target, so the head must read the draft's hidden size; the teacher is the target's final layer.
+    Samples are cut to 96 tokens and batches to 2: with Llama-3's 128k vocabulary, 8 whole blocks of
+    512 tokens would hold 16 GB of logits."""
+    tokenizer = load_tokenizer(TargetConfig(path=str(asset_path("smollm2_gguf"))))
+    target_dir = _tiny_llama3(tmp_path / "target", tokenizer, hidden=64, layers=3, seed=0)
+    draft_dir = _tiny_llama3(tmp_path / "draft", tokenizer, hidden=32, layers=2, seed=1)
+    run_dir = tmp_path / "run"
+    argv = [
+        "recipe=pard_smollm2_window",
+        f"target.path={target_dir}",
+        f"draft.init={draft_dir}",
+        f"cache.dir={tmp_path / 'cache'}",
+        "cache.layers=[3]",
+        "trainer.max_steps=2",
+        "data.regenerate=false",
+        "data.max_samples=8",
+        "data.max_length=96",
+        "data.batch_size=2",
+        "eval.num_prompts=2",
+        "eval.max_new_tokens=8",
+        "eval.hook_num_prompts=1",
+        "eval.ngram=0",
+        f"run.dir={run_dir}",
+    ]
+    assert cli.train_main(argv) == 0
+    drafter = run_dir / "drafter"
+    head = json.loads((drafter / "window" / "config.json").read_text())
+    assert head["hidden_size"] == 32 and head["threshold"] == pytest.approx(0.1)
+    start = AutoModelForCausalLM.from_pretrained(draft_dir).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(drafter).state_dict()
+    assert all(torch.equal(start[name].to(tensor.dtype), tensor) for name, tensor in saved.items())  # frozen
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert set(report) == {"trained", "trained, fixed K"}
+    assert report["trained"]["window"] == "policy" and report["trained, fixed K"]["window"] == "fixed"
+    assert all(row["greedy_matches_target"] == 1.0 and row["k"] == 8 for row in report.values())
+    assert sum(report["trained"]["drafted_histogram"]) == report["trained"]["verify_steps"]

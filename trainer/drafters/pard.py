@@ -15,6 +15,8 @@ One training batch becomes (specdec.trainer.drafters.cod for the blocks):
 and, when an objective takes them (the target's final normed state is then cached):
     target_probs [N, V]  p_T(. | x_{<=t})
     gold_weights [N]     w(i, t) = prod_{s=1..i} p_T(x_{t+1-s} | x_{<=t-s})
+and, for objectives that train a window policy (stop_head, window_rl), what it sees after each draft
+token and what the verifier did with it (`window_inputs`).
 """
 
 import copy
@@ -34,10 +36,11 @@ from specdec.eval import kv
 from specdec.eval.drafters import DrafterLoadError
 from specdec.eval.drafters.causal_lm import CausalLMDrafter
 from specdec.eval.drafters.pard import PardDrafter
+from specdec.eval.window import logit_stats
 from specdec.trainer.drafters import DrafterKind, Exporter, register_drafter
 from specdec.trainer.drafters.causal_lm import serve_commands, write_causal_lm_dir
 from specdec.trainer.drafters.cod import cod_layout
-from specdec.trainer.objectives import masked_mean, scatter_rows
+from specdec.trainer.objectives import WINDOW_INPUTS, WINDOW_POLICY_INPUTS, masked_mean, scatter_rows
 
 
 @dataclass
@@ -218,7 +221,7 @@ def training_inputs(
     target_hidden: torch.Tensor | None,  # [B, T, 1, H] the final normed state when a teacher is needed
     lm_head: torch.Tensor,
     cfg: PardDraftConfig,
-    wanted: frozenset[str] = frozenset(),  # PARD's inputs cost nothing extra: all are computed
+    wanted: frozenset[str] = frozenset(),  # all are computed, but the window's
 ) -> dict[str, torch.Tensor]:
     input_ids, device = batch["input_ids"], batch["input_ids"].device
     rows, time = input_ids.shape
@@ -260,7 +263,37 @@ def training_inputs(
             gold = torch.cat([gold.new_zeros(rows, 1), gold], dim=1)  # gold[:, t] = C[t-1]
             weights = (gold[sample, at] - gold[sample, at - depth]).exp()
         inputs |= {"target_probs": torch.softmax(teacher, dim=-1)[place_of], "gold_weights": weights}
+        if "window_hidden" in wanted:
+            inputs |= window_inputs(hidden[counted], inputs["draft_logits"], inputs["target_probs"], loss_mask)
     return inputs
+
+
+@torch.no_grad()
+def window_inputs(
+    hidden: torch.Tensor, draft_logits: torch.Tensor, target_probs: torch.Tensor, loss_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """What a window policy sees after each draft token of a chain, and what the verifier did with it,
+    at the N places of loss_mask [B, K, T] (step i of the chain after x_n: block i at n + i):
+        window_hidden      [N, H]  the draft's final hidden state that produced the token
+        window_stats       [N, 2]  top-1 probability and entropy of its distribution
+        window_step        [N]     i, the token's place in its chain
+        window_accept      [N]     1 when greedy verification accepts it: the draft's argmax is the target's
+        window_accept_soft [N]     min(1, p(y) / q(y)) of that token y: its acceptance under sampling
+        window_mask        [B, K, T] loss_mask
+    Block i reads the real prefix x_{<=n} and i masks, as serving does once d_1..d_i were accepted:
+    the only case in which the window is asked about token i. The chains are whole when every block
+    is kept (draft.r = r_min = 1), as a window recipe trains them."""
+    log_q = torch.log_softmax(draft_logits.float(), dim=-1)
+    tokens = draft_logits.argmax(dim=-1)
+    log_p = target_probs.gather(1, tokens[:, None])[:, 0].clamp(min=1e-30).log()
+    return {
+        "window_hidden": hidden.detach(),
+        "window_stats": logit_stats(draft_logits),
+        "window_step": loss_mask.nonzero()[:, 1],
+        "window_accept": (target_probs.argmax(dim=-1) == tokens).float(),
+        "window_accept_soft": (log_p - log_q.gather(1, tokens[:, None])[:, 0]).exp().clamp(max=1),
+        "window_mask": loss_mask,
+    }
 
 
 @torch.no_grad()
@@ -293,8 +326,10 @@ PARD = register_drafter(
         build=build,
         untrained_like=untrained_like,
         training_inputs=training_inputs,
-        inputs=frozenset({"draft_logits", "labels", "loss_mask", "target_probs", "gold_weights"}),
-        teacher_inputs=frozenset({"target_probs", "gold_weights"}),
+        inputs=frozenset({"draft_logits", "labels", "loss_mask", "target_probs", "gold_weights"})
+        | WINDOW_INPUTS
+        | WINDOW_POLICY_INPUTS,
+        teacher_inputs=frozenset({"target_probs", "gold_weights", "window_accept", "window_accept_soft"}),
         diagnostics=diagnostics,
         shared_keys=lambda draft: set(),
         session=parallel_session,
