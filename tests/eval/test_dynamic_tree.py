@@ -3,6 +3,7 @@ target's own (greedy, for every drafter that builds trees by expand_tree, batche
 sizes) and follows its law (sampled), the drafter commits in its own tree's places, and a threshold
 that keeps everything reproduces the whole tree step for step."""
 
+import copy
 import math
 
 import pytest
@@ -131,3 +132,38 @@ def test_sampled_output_with_dynamic_trees_follows_the_target_distribution() -> 
             counts[a * 6 + b] += 1
     assert sizes == {1, 2, 3}
     assert chi_square_p_value(counts, _exact_law(sampling, target=PEAKED_TARGET)) > ALPHA
+
+
+def test_the_causal_lm_drafts_each_dynamic_tree_from_the_accepted_prefix() -> None:
+    """The drafter's cache must follow the accepted path through its own (whole) tree: the accepted
+    counts equal those of trees built from full forwards of the accepted prefix (no cache), pruned
+    by path probability. The draft is the target with a sharpened head: it agrees with the target,
+    so deep nodes get accepted after pruned siblings, where the two numberings differ; a drafter
+    committed in the pruned tree's numbering keeps the wrong cache entries and drafts other trees."""
+    from tests.eval.test_engine import NEW_TOKENS, reference_accepted
+    from tests.eval.test_engine import PROMPTS as ENGINE_PROMPTS
+    from tests.eval.test_engine import TARGET as ENGINE_TARGET
+
+    depth, width, min_confidence = 3, 3, 0.1
+    draft = sharpened(copy.deepcopy(ENGINE_TARGET), 25)
+
+    def kept_paths(context: list[int]) -> set[tuple[int, ...]]:
+        level, kept = [(0.0, ())], set()
+        for step in range(depth):
+            with torch.no_grad():
+                logits = draft(torch.tensor([context + list(path) for _, path in level])).logits[:, -1]
+            candidates = [
+                (score + logprob, (*path, token))
+                for (score, path), logprobs in zip(level, torch.log_softmax(logits.float(), -1).tolist(), strict=True)
+                for token, logprob in enumerate(logprobs)
+            ]
+            level = sorted(candidates, key=lambda candidate: candidate[0], reverse=True)[:width]
+            kept |= {path for score, path in level if score >= math.log(min_confidence)}
+            if step == 0:
+                kept.add(level[0][1])  # the best node always stays
+        return kept
+
+    cfg = SpecConfig(k=depth, tree_width=width, max_new_tokens=NEW_TOKENS, tree_min_confidence=min_confidence)
+    result = generate(ENGINE_TARGET, ENGINE_PROMPTS, drafter=CausalLMDrafter(draft), cfg=cfg, eos_token_ids=set())
+    assert result.accepted == reference_accepted(kept_paths, depth)
+    assert len({n for row in result.drafted for n in row}) >= 3
