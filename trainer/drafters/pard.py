@@ -221,7 +221,7 @@ def training_inputs(
     target_hidden: torch.Tensor | None,  # [B, T, 1, H] the final normed state when a teacher is needed
     lm_head: torch.Tensor,
     cfg: PardDraftConfig,
-    wanted: frozenset[str] = frozenset(),  # all are computed, but the window's
+    wanted: frozenset[str] = frozenset(),  # the window's inputs are computed only when wanted; the rest always
 ) -> dict[str, torch.Tensor]:
     input_ids, device = batch["input_ids"], batch["input_ids"].device
     rows, time = input_ids.shape
