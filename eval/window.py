@@ -56,6 +56,14 @@ class FixedWindow:
         return torch.full((self.batch,), step + 1 < self.k, dtype=torch.bool, device=self.device)
 
 
+def draft_on(lengths: torch.Tensor, go_on: torch.Tensor, drafted: int) -> bool:
+    """The stop rule of a chain, per row: a row whose chain has all `drafted` tokens so far and whose
+    window says go on gets one more (lengths [B] updated in place); a row's first "no" ends it.
+    Whether any row still drafts."""
+    lengths += go_on & (lengths == drafted)
+    return bool((lengths > drafted).any())
+
+
 def chain_lengths(window: Window, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """How many of K tokens drafted in one forward a window keeps, per row [B] int64 in 1..K, from
     the states that produced them (hidden [B, K, H], logits [B, K, V]): the decisions it would take
@@ -64,8 +72,7 @@ def chain_lengths(window: Window, hidden: torch.Tensor, logits: torch.Tensor) ->
     window.start(batch, logits.device)
     lengths = torch.ones(batch, dtype=torch.long, device=logits.device)
     for step in range(k - 1):
-        lengths += window.go_on(step, hidden[:, step], logits[:, step]) & (lengths == step + 1)
-        if not (lengths > step + 1).any():
+        if not draft_on(lengths, window.go_on(step, hidden[:, step], logits[:, step]), step + 1):
             break
     return lengths
 

@@ -16,7 +16,7 @@ from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal
 from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, expand_tree
 from specdec.eval.verify import Sampling, to_probs
-from specdec.eval.window import Window
+from specdec.eval.window import Window, draft_on
 
 
 class CausalLMDrafter:
@@ -83,10 +83,8 @@ class CausalLMDrafter:
             tokens.append(current)
             if step == k:
                 break  # d_K is fed next step, if accepted
-            if self.window is not None:  # a row's chain ends at its window's first "stop"
-                lengths += self.window.go_on(step - 1, hidden, logits) & (lengths == step)
-                if not (lengths > step).any():
-                    break  # the last draft is fed next step, as d_K is
+            if self.window is not None and not draft_on(lengths, self.window.go_on(step - 1, hidden, logits), step):
+                break  # every row stopped: the last draft is fed next step, as d_K is
             mask = torch.cat([self.past, self.past.new_ones(len(pending), step + 1)], dim=1)
             logits, hidden = self._forward(current, base + step, kv.unless_all_visible(mask))
             logits = logits[:, -1]

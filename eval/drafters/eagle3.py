@@ -33,7 +33,7 @@ from specdec.eval import kv
 from specdec.eval.drafters import ChainProposal
 from specdec.eval.tree import DraftTree, ancestor_mask, block_offsets, expand_tree
 from specdec.eval.verify import Sampling, to_probs
-from specdec.eval.window import Window
+from specdec.eval.window import Window, draft_on
 
 
 class Eagle3Attention(nn.Module):
@@ -263,10 +263,10 @@ class Eagle3Drafter:
             drafts.append(token)
             if step == k - 1:
                 break
-            if self.window is not None:  # a row's chain ends at its window's first "stop"
-                lengths += self.window.go_on(step, feature[:, -1], logits) & (lengths == step + 1)
-                if not (lengths > step + 1).any():
-                    break
+            if self.window is not None and not draft_on(
+                lengths, self.window.go_on(step, feature[:, -1], logits), step + 1
+            ):
+                break
             visible = torch.cat(
                 [self.mask.bool(), torch.ones(batch, step + 1, dtype=torch.bool, device=pending.device)], 1
             )
@@ -290,7 +290,8 @@ class Eagle3Drafter:
             tokens = pending[:, None].expand(-1, depth * width)
             parents = torch.arange(-width, (depth - 1) * width, device=device).clamp(min=-1).expand(batch, -1)
             scores = torch.full(tokens.shape, -math.inf, device=device)  # a guess: a dynamic tree keeps node 0 alone
-            return DraftTree(tokens, parents, scores=scores.index_fill(1, torch.tensor([0], device=device), 0.0))
+            scores[:, 0] = 0.0
+            return DraftTree(tokens, parents, scores=scores)
         outputs = [feature]  # [B, n, H] blocks: the root's output, then each fed level's, in node order
 
         def child_logprobs(tree: DraftTree) -> torch.Tensor:
